@@ -1,0 +1,186 @@
+"""The ``tailwise`` command.
+
+    tailwise run RECIPE.yaml [key=value ...] [--out DIR] [--resume DIR]
+    tailwise demo [--out DIR] [--epochs N]
+    tailwise eval RUN_DIR [--json]
+    tailwise data inspect [RECIPE.yaml] [key=value ...] [--json]
+    tailwise recipes
+
+User errors (bad config, missing or corrupt data, NaN loss) print one message and exit with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import TailwiseError
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _split_recipe(args: list[str]) -> tuple[str | None, list[str]]:
+    """The first positional argument without '=' is the recipe; the rest are key=value overrides."""
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, args
+
+
+def _table(result: dict) -> str:
+    acc, groups, cost = result["accuracy"], result["groups"], result["cost"]
+    rule = "" if groups.get("rule", "thresholds") == "thresholds" else f" ({groups['rule']}: a threshold group was empty)"
+    lines = [f"{'':10s}{'many':>9s}{'medium':>9s}{'few':>9s}{'all':>9s}{'balanced':>10s}",
+             f"{'classes':10s}{groups['many']:>9d}{groups['medium']:>9d}{groups['few']:>9d}{'':>9s}{'':>10s}{rule}"]
+
+    def fmt(v):
+        return f"{v:9.2f}" if v is not None else f"{'-':>9s}"
+
+    lines.append(f"{'top-1 %':10s}{fmt(acc['many'])}{fmt(acc['medium'])}{fmt(acc['few'])}{fmt(acc['all'])}{fmt(acc['balanced'])} ")
+    lines.append(f"cost: {cost['params']:,} params, {cost['macs'] / 1e6:.2f} M MACs (F = {cost['F']:.1f}% of dense)")
+    return "\n".join(lines)
+
+
+def _train(cfg, out: Path, resume: bool) -> dict:
+    from .engine.trainer import Trainer, prepare_run_dir
+
+    if not resume:
+        prepare_run_dir(cfg, out)
+    trainer = Trainer(cfg, out, _log)
+    if resume:
+        trainer.resume()
+    return trainer.fit()
+
+
+def cmd_run(ns) -> int:
+    from .config import load_config, load_recipe, config_from_dict
+
+    recipe, overrides = _split_recipe(ns.args)
+    if ns.resume:
+        run_dir = Path(ns.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise TailwiseError(f"--resume {run_dir}: no config.yaml there, not a tailwise run directory")
+        if overrides or recipe:
+            raise TailwiseError("--resume continues a run with its saved config.yaml; do not pass a recipe or overrides")
+        cfg = config_from_dict(load_recipe(run_dir / "config.yaml"))
+        out = run_dir
+    else:
+        if recipe is None:
+            raise TailwiseError("tailwise run needs a recipe (a YAML file or a name from `tailwise recipes`)")
+        cfg = load_config(recipe, overrides)
+        out = Path(ns.out or cfg.run.out or f"runs/{Path(recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    result = _train(cfg, out, bool(ns.resume))
+    print(_table(result))
+    print(f"run directory: {out}")
+    return 0
+
+
+def cmd_demo(ns) -> int:
+    from .config import load_config
+    from .demo import demo_overrides
+
+    out = Path(ns.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg = load_config("demo", demo_overrides(ns.epochs))
+    _log("tailwise demo: ResNet-20 on a small real CIFAR-10-LT subset shipped with the package (about 2 minutes on 2 CPU cores)")
+    result = _train(cfg, out, resume=False)
+    print(_table(result))
+    print(f"run directory: {out}  (re-evaluate with `tailwise eval {out}`; load with tailwise.load_model('{out}'))")
+    return 0
+
+
+def cmd_eval(ns) -> int:
+    from .evaluate import evaluate_run
+
+    acc = evaluate_run(Path(ns.run_dir))
+    if ns.json:
+        print(json.dumps(acc, indent=2))
+    else:
+        print(" | ".join(f"{k} {acc[k]:.2f}" for k in ("all", "many", "medium", "few", "balanced") if acc.get(k) is not None))
+    return 0
+
+
+def cmd_data_inspect(ns) -> int:
+    from .config import load_config
+    from .data.dataset import build_data
+
+    recipe, overrides = _split_recipe(ns.args)
+    cfg = load_config(recipe, overrides)
+    data = build_data(cfg.data, _log)
+    info = {**data.info, "groups": data.groups.to_json(), "val_size": len(data.val) if data.val is not None else None}
+    if ns.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"dataset {info['name']} from {info['source']}: {info['num_classes']} classes, {info['train_size']} training "
+          f"images (long-tailed subset {info['subset_size']}, imbalance ratio {info['imbalance_ratio']}), "
+          f"{info['test_size']} test images, validation: {info['val']['source']} ({info['val']['size']} images)")
+    print(f"index_sha256: {info['index_sha256']}")
+    g = info["groups"]
+    print(f"groups ({g['rule']}, many > {g['thresholds'][0]}, few < {g['thresholds'][1]}): "
+          f"many {g['many']}, medium {g['medium']}, few {g['few']}")
+    width = max(len(c) for c in info["classes"])
+    for c, (name, n) in enumerate(zip(info["classes"], info["class_counts"])):
+        print(f"  {c:4d} {name:{width}s} {n:7d}  {data.groups.membership[c]}")
+    return 0
+
+
+def cmd_recipes(ns) -> int:
+    from .recipes import RECIPE_DIR, list_recipes
+
+    for name in list_recipes():
+        text = (RECIPE_DIR / f"{name}.yaml").read_text()
+        title = text.splitlines()[0].lstrip("# ").strip() if text.startswith("#") else ""
+        print(f"{name:36s} {title}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tailwise", description="Long-tailed recognition with parameter-space rebalancing")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="train and evaluate one run from a recipe")
+    p.add_argument("args", nargs="*", help="RECIPE.yaml (or bundled name) then key=value overrides, e.g. train.epochs=20")
+    p.add_argument("--out", help="run directory (default runs/<recipe>-<timestamp>)")
+    p.add_argument("--resume", metavar="DIR", help="continue an interrupted run from its last checkpoint")
+    p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("demo", help="train on the embedded CIFAR-10-LT demo data and print the per-group table")
+    p.add_argument("--out", help="run directory (default runs/demo-<timestamp>)")
+    p.add_argument("--epochs", type=int, default=None, help="override the demo's number of epochs")
+    p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser("eval", help="re-evaluate a finished run's saved model on its test split")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true", help="print the accuracy block as JSON")
+    p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("data", help="dataset tools")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    q = dsub.add_parser("inspect", help="class counts, shot groups and index_sha256 of a recipe's data")
+    q.add_argument("args", nargs="*", help="[RECIPE.yaml] then data.* overrides, e.g. data.name=cifar10-lt data.root=PATH")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(fn=cmd_data_inspect)
+    p = sub.add_parser("recipes", help="list the bundled recipes")
+    p.set_defaults(fn=cmd_recipes)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    from .engine.trainer import Interrupted
+
+    try:
+        return ns.fn(ns)
+    except TailwiseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Interrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into e.g. `head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

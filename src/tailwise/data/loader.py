@@ -1,0 +1,200 @@
+"""In-memory batched loading: samplers, batched tensor augmentation, and a resumable loader.
+
+The training images live in memory as one uint8 ``N x 3 x H x W`` tensor. Each batch is gathered, augmented
+with whole-batch tensor ops (random crop with zero padding, horizontal flip, optional Cutout), optionally
+RandAugment/AutoAugment per sample, converted to float and normalised. All randomness comes from generators
+seeded by ``(seed, epoch)``; the loader's state (epoch, batches consumed, augmentation generator) is part of the
+checkpoint, so a resumed run sees exactly the batches an uninterrupted run would.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+
+SAMPLERS = ("instance", "class_balanced", "sqrt", "group_preferred")
+POLICIES = ("none", "randaugment", "autoaugment")
+
+
+def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + epoch * 7919 + stream * 104_729) % (2**63 - 1))
+    return g
+
+
+# ------------------------------------------------------------------------------------------------------ samplers
+class Sampler:
+    """Index sequences for each epoch.
+
+    - ``instance``: a random permutation of the training set (each image once per epoch).
+    - ``class_balanced``: class drawn uniformly, then an image of it uniformly (with replacement); N draws.
+    - ``sqrt``: class drawn with probability proportional to sqrt(n_c), then an image uniformly; N draws.
+    - ``group_preferred``: every batch has ``round(rho * B)`` images drawn uniformly from the classes in
+      ``group_classes`` and the rest uniformly from the other classes (DO's Eq. 1); N draws.
+    """
+
+    def __init__(self, labels: torch.Tensor, kind: str = "instance", seed: int = 0, batch_size: int = 128,
+                 rho: float = 0.5, group_classes: Sequence[int] = ()):
+        if kind not in SAMPLERS:
+            raise ValueError(f"unknown sampler {kind!r}; allowed: {', '.join(SAMPLERS)}")
+        self.labels, self.kind, self.seed, self.batch_size = labels.long(), kind, seed, batch_size
+        self.num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
+        counts = torch.bincount(self.labels, minlength=self.num_classes).double()
+        self.class_prob = {"class_balanced": (counts > 0).double(), "sqrt": counts.sqrt()}.get(kind)
+        # images sorted by class, with offsets, so "uniform image of class c" is one gather
+        self.order = torch.argsort(self.labels, stable=True)
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.long().cumsum(0)])
+        if kind == "group_preferred":
+            if not 0.0 <= rho <= 1.0:
+                raise ValueError(f"group_preferred rho must be in [0, 1], got {rho}")
+            in_group = torch.zeros(self.num_classes, dtype=torch.bool)
+            in_group[list(group_classes)] = True
+            member = in_group[self.labels]
+            self.pools = (torch.where(member)[0], torch.where(~member)[0])
+            if len(self.pools[0]) == 0:
+                raise ValueError("group_preferred sampler: the preferred group has no training images")
+            self.rho = rho
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def epoch_indices(self, epoch: int) -> torch.Tensor:
+        g = _generator(self.seed, epoch, 0)
+        n = len(self.labels)
+        if self.kind == "instance":
+            return torch.randperm(n, generator=g)
+        if self.kind == "group_preferred":
+            return self._group_preferred(n, g)
+        classes = torch.multinomial(self.class_prob, n, replacement=True, generator=g)
+        size = (self.offsets[classes + 1] - self.offsets[classes]).double()
+        within = (torch.rand(n, generator=g, dtype=torch.float64) * size).long()
+        return self.order[self.offsets[classes] + within]
+
+    def _group_preferred(self, n: int, g: torch.Generator) -> torch.Tensor:
+        pref, rest = self.pools
+        batches = []
+        for start in range(0, n, self.batch_size):
+            b = min(self.batch_size, n - start)
+            k = b if len(rest) == 0 else round(self.rho * b)
+            pick = torch.cat([pref[torch.randint(len(pref), (k,), generator=g)],
+                              rest[torch.randint(max(len(rest), 1), (b - k,), generator=g)] if b > k else
+                              torch.zeros(0, dtype=torch.long)])
+            batches.append(pick[torch.randperm(b, generator=g)])
+        return torch.cat(batches)
+
+
+# -------------------------------------------------------------------------------------------------- augmentation
+def random_crop(x: torch.Tensor, padding: int, g: torch.Generator) -> torch.Tensor:
+    """Per-sample random crop of the zero-padded batch back to its size (one gather, no Python loop)."""
+    if padding <= 0:
+        return x
+    b, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (b,), generator=g).to(x.device)
+    dx = torch.randint(0, 2 * padding + 1, (b,), generator=g).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    chan = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chan, rows, cols]
+
+
+def random_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    flip = (torch.rand(x.shape[0], generator=g) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def cutout(x: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
+    """DeVries & Taylor 2017: zero one ``size x size`` square per image, centred uniformly (may be clipped)."""
+    if size <= 0:
+        return x
+    b, _, h, w = x.shape
+    cy = torch.randint(0, h, (b,), generator=g).to(x.device)
+    cx = torch.randint(0, w, (b,), generator=g).to(x.device)
+    y0 = (cy - size // 2)[:, None, None]
+    x0 = (cx - size // 2)[:, None, None]
+    ys = torch.arange(h, device=x.device)[None, :, None]
+    xs = torch.arange(w, device=x.device)[None, None, :]
+    inside = (ys >= y0) & (ys < y0 + size) & (xs >= x0) & (xs < x0 + size)
+    return x.masked_fill(inside[:, None], 0)
+
+
+class Augment:
+    """Batched training augmentation on uint8 images: policy (per sample) -> crop -> flip -> cutout."""
+
+    def __init__(self, crop_padding: int = 4, flip: bool = True, cutout: int = 0, policy: str = "none"):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown augmentation policy {policy!r}; allowed: {', '.join(POLICIES)}")
+        self.crop_padding, self.flip, self.cutout_size, self.policy = crop_padding, flip, cutout, policy
+        self._policy = None
+        if policy != "none":
+            from torchvision.transforms import v2
+            self._policy = v2.RandAugment() if policy == "randaugment" else v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
+
+    def __call__(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        if self._policy is not None:
+            # torchvision draws from the global RNG: fork it, seeded from our generator, to stay reproducible
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
+                x = torch.stack([self._policy(img) for img in x.cpu()]).to(x.device)
+        x = random_crop(x, self.crop_padding, g)
+        if self.flip:
+            x = random_flip(x, g)
+        return cutout(x, self.cutout_size, g)
+
+
+# -------------------------------------------------------------------------------------------------------- loader
+class BatchLoader:
+    """Iterates ``(images float N x 3 x H x W normalised, labels)`` batches on ``device``.
+
+    ``sampler=None`` gives sequential, unaugmented batches (evaluation). For training, one ``iter()`` is one
+    epoch: it resumes at ``position`` if the loader was restored mid-epoch.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, mean: Sequence[float],
+                 std: Sequence[float], sampler: Sampler | None = None, augment: Augment | None = None,
+                 device: str | torch.device = "cpu", drop_last: bool = False, channels_last: bool = False):
+        self.images, self.labels = images, labels
+        self.batch_size, self.sampler, self.augment = batch_size, sampler, augment
+        self.device, self.drop_last, self.channels_last = torch.device(device), drop_last, channels_last
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1) * 255
+        self.epoch, self.position = 0, 0
+        self._aug_state: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        n = len(self.sampler) if self.sampler is not None else len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.position, self._aug_state = epoch, 0, None
+
+    def _to_float(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x.to(self.device, non_blocking=True).float() - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.sampler is None:
+            for start in range(0, len(self.labels), self.batch_size):
+                yield (self._to_float(self.images[start:start + self.batch_size]),
+                       self.labels[start:start + self.batch_size].to(self.device))
+            return
+        indices = self.sampler.epoch_indices(self.epoch)
+        g = _generator(self.sampler.seed, self.epoch, 1)
+        if self._aug_state is not None:
+            g.set_state(self._aug_state)
+        for b in range(self.position, len(self)):
+            idx = indices[b * self.batch_size:(b + 1) * self.batch_size]
+            x = self.images[idx].to(self.device, non_blocking=True)
+            if self.augment is not None:
+                x = self.augment(x, g)
+            self.position, self._aug_state = b + 1, g.get_state()
+            yield self._to_float(x), self.labels[idx].to(self.device)
+        self.epoch, self.position, self._aug_state = self.epoch + 1, 0, None
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "aug_state": self._aug_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position, self._aug_state = state["epoch"], state["position"], state["aug_state"]

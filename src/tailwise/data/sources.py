@@ -1,0 +1,246 @@
+"""Readers that turn a dataset on disk into decoded uint8 arrays.
+
+Every reader returns :class:`RawSplit` objects: ``images`` uint8 ``N x 3 x H x W``, ``labels`` int64 ``N``,
+``files`` (one name per sample, for error messages and provenance) and ``classes``.
+
+Sample order (it defines the CIFAR-LT subset): CIFAR pickles in file order; image folders by class folder
+(sorted names = label order), then by file name; list files in line order.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from ..errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
+@dataclass
+class RawSplit:
+    images: np.ndarray  # uint8, N x 3 x H x W
+    labels: np.ndarray  # int64, N
+    files: list[str]
+    classes: list[str]
+
+
+# --------------------------------------------------------------------------------------------------- decoding
+def decode_image(data: bytes, name: str, size: int | None) -> np.ndarray:
+    """Decode encoded image bytes to a 3 x H x W uint8 array; resize (shorter side) + centre-crop to ``size``."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            img = img.convert("RGB")
+            if size is not None and img.size != (size, size):
+                w, h = img.size
+                scale = size / min(w, h)
+                img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+                w, h = img.size
+                left, top = (w - size) // 2, (h - size) // 2
+                img = img.crop((left, top, left + size, top + size))
+            arr = np.asarray(img, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+        raise DataError(f"cannot decode image {name}: {exc}. Remove or replace the file.") from None
+    return arr.transpose(2, 0, 1)
+
+
+def _stack(arrays: list[np.ndarray], files: list[str], size: int | None) -> np.ndarray:
+    if not arrays:
+        return np.zeros((0, 3, size or 32, size or 32), dtype=np.uint8)
+    shape = arrays[0].shape
+    for arr, name in zip(arrays, files):
+        if arr.shape != shape:
+            raise DataError(
+                f"image {name} has size {arr.shape[2]}x{arr.shape[1]} but {files[0]} has {shape[2]}x{shape[1]}; "
+                "set data.image_size to resize all images to one size"
+            )
+    return np.stack(arrays)
+
+
+def _decode_all(items: Iterable[tuple[str, bytes]], size: int | None, progress: Callable | None) -> tuple[list, list]:
+    arrays, names = [], []
+    for name, data in items:
+        arrays.append(decode_image(data, name, size))
+        names.append(name)
+        if progress is not None and len(arrays) % 5000 == 0:
+            progress(len(arrays))
+    return arrays, names
+
+
+# ----------------------------------------------------------------------------------------------- image folders
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+class _Tree:
+    """A read-only view of an image-folder tree that is a directory or a .tar/.tar.gz archive."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        if not self.root.exists():
+            raise DataError(f"data.root {self.root} does not exist")
+        self.is_archive = self.root.is_file()
+        if self.is_archive and not tarfile.is_tarfile(self.root):
+            raise DataError(f"data.root {self.root} is a file but not a .tar/.tar.gz archive")
+
+    def files(self) -> list[str]:
+        """All image files as '/'-separated paths relative to the root."""
+        if self.is_archive:
+            with tarfile.open(self.root) as tar:
+                return [m.name.lstrip("./") for m in tar.getmembers() if m.isfile() and _is_image(m.name)]
+        out = []
+        for dirpath, _, filenames in os.walk(self.root):
+            rel = Path(dirpath).relative_to(self.root)
+            out.extend(str(rel / f).replace(os.sep, "/").lstrip("./") for f in filenames if _is_image(f))
+        return out
+
+    def read(self, wanted: set[str]) -> Iterator[tuple[str, bytes]]:
+        """Yield (path, bytes) for the wanted paths (archive order for tars: one sequential pass)."""
+        if self.is_archive:
+            with tarfile.open(self.root) as tar:
+                for member in tar:
+                    name = member.name.lstrip("./")
+                    if name in wanted:
+                        handle = tar.extractfile(member)
+                        yield name, handle.read() if handle else b""
+        else:
+            for name in sorted(wanted):
+                yield name, (self.root / name).read_bytes()
+
+
+def _split_prefix(files: list[str], split: str) -> str:
+    """Find the directory holding ``<split>/<class>/...``: the root itself or one top-level folder."""
+    prefixes = {f.split("/")[0] + "/" for f in files if f.split("/")[1:2] == [split]}
+    if any(f.startswith(split + "/") for f in files):
+        return ""
+    if len(prefixes) == 1:
+        return prefixes.pop()
+    return "" if not prefixes else sorted(prefixes)[0]
+
+
+def read_image_folder(root, split: str, size: int | None = None, classes: list[str] | None = None,
+                      progress: Callable | None = None) -> RawSplit:
+    """Read ``root/<split>/<class>/*`` (root a directory or a .tar/.tar.gz archive, optionally with one
+    top-level folder). Labels follow sorted class folder names, or ``classes`` when given (e.g. the train
+    split's classes for the test split)."""
+    tree = _Tree(root)
+    files = tree.files()
+    prefix = _split_prefix(files, split) + split + "/"
+    by_class: dict[str, list[str]] = {}
+    for f in files:
+        if f.startswith(prefix):
+            parts = f[len(prefix):].split("/")
+            if len(parts) >= 2:
+                by_class.setdefault(parts[0], []).append(f)
+    if not by_class:
+        raise DataError(f"no images found under {root} for split '{split}' (expected {split}/<class>/<image>)")
+    names = sorted(by_class) if classes is None else list(classes)
+    unknown = sorted(set(by_class) - set(names))
+    if unknown:
+        raise DataError(f"split '{split}' of {root} has class folders not in the training split: {unknown[:5]}")
+    ordered = [f for c in names for f in sorted(by_class.get(c, []))]
+    label_of = {c: i for i, c in enumerate(names)}
+    decoded = dict(zip(*_decode_all(tree.read(set(ordered)), size, progress)[::-1]))
+    arrays = [decoded[f] for f in ordered]
+    labels = np.array([label_of[f[len(prefix):].split("/")[0]] for f in ordered], dtype=np.int64)
+    return RawSplit(_stack(arrays, ordered, size), labels, ordered, names)
+
+
+# ------------------------------------------------------------------------------------------------ CIFAR pickles
+CIFAR_LAYOUTS = {
+    10: {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"], "labels": b"labels",
+         "meta": ("batches.meta", b"label_names"), "dir": "cifar-10-batches-py"},
+    100: {"train": ["train"], "test": ["test"], "labels": b"fine_labels",
+          "meta": ("meta", b"fine_label_names"), "dir": "cifar-100-python"},
+}
+
+
+def read_cifar_pickles(root, num_classes: int, split: str) -> RawSplit:
+    """Read the CIFAR-10/100 python pickles (``data_batch_*``/``test_batch`` or ``train``/``test``)."""
+    layout = CIFAR_LAYOUTS[num_classes]
+    root = Path(root)
+    if (root / layout["dir"]).is_dir():
+        root = root / layout["dir"]
+    images, labels = [], []
+    for name in layout[split]:
+        path = root / name
+        if not path.is_file():
+            raise DataError(f"CIFAR-{num_classes} pickle {path} not found (expected the python version's files)")
+        try:
+            with open(path, "rb") as fh:
+                entry = pickle.load(fh, encoding="bytes")
+            images.append(np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.append(np.asarray(entry[layout["labels"]], dtype=np.int64))
+        except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as exc:
+            raise DataError(f"CIFAR pickle {path} is corrupt or not a CIFAR-{num_classes} file: {exc}") from None
+    meta_file, meta_key = layout["meta"]
+    classes = [str(i) for i in range(num_classes)]
+    if (root / meta_file).is_file():
+        with open(root / meta_file, "rb") as fh:
+            classes = [c.decode() for c in pickle.load(fh, encoding="bytes")[meta_key]]
+    images_arr, labels_arr = np.concatenate(images), np.concatenate(labels)
+    files = [f"{layout[split][0]}#{i}" for i in range(len(labels_arr))]
+    return RawSplit(images_arr, labels_arr, files, classes)
+
+
+def is_cifar_pickle_dir(root, num_classes: int) -> bool:
+    layout = CIFAR_LAYOUTS[num_classes]
+    root = Path(root)
+    return root.is_dir() and ((root / layout["test"][0]).is_file() or (root / layout["dir"]).is_dir())
+
+
+# --------------------------------------------------------------------------------------------------- list files
+def read_list_file(list_file, image_root, size: int | None, num_classes: int | None = None,
+                   progress: Callable | None = None) -> RawSplit:
+    """Read an ImageNet-LT / Places-LT / iNaturalist-2018 split file: ``<relative path> <label>`` per line."""
+    list_file = Path(list_file)
+    if not list_file.is_file():
+        raise DataError(f"list file {list_file} not found")
+    paths, labels = [], []
+    for lineno, line in enumerate(list_file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            raise DataError(f"{list_file}:{lineno}: expected '<relative path> <label>', got {line!r}")
+        label = int(parts[1])
+        if label < 0 or (num_classes is not None and label >= num_classes):
+            raise DataError(f"{list_file}:{lineno}: label {label} out of range [0, {num_classes}) for {parts[0]}")
+        paths.append(parts[0])
+        labels.append(label)
+    if not paths:
+        raise DataError(f"list file {list_file} has no entries")
+    root = Path(image_root)
+    missing = [p for p in paths if not (root / p).is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} images of {list_file} are missing under {root}, e.g. {root / missing[0]}")
+    arrays, _ = _decode_all(((p, (root / p).read_bytes()) for p in paths), size, progress)
+    n = num_classes if num_classes is not None else max(labels) + 1
+    return RawSplit(_stack(arrays, paths, size), np.asarray(labels, dtype=np.int64), paths,
+                    [str(i) for i in range(n)])
+
+
+# ---------------------------------------------------------------------------------------------------- synthetic
+def synthetic_split(num_classes: int, per_class: int, size: int = 32, seed: int = 0, offset: int = 0) -> RawSplit:
+    """A learnable synthetic image set: each class is a fixed random low-frequency colour pattern plus noise.
+
+    ``offset`` draws different samples (noise) for the same class patterns, e.g. for the test split.
+    """
+    proto_rng = np.random.default_rng(seed)
+    coarse = proto_rng.uniform(40, 215, size=(num_classes, 3, 4, 4))
+    protos = coarse.repeat(size // 4 + 1, axis=2).repeat(size // 4 + 1, axis=3)[:, :, :size, :size]
+    rng = np.random.default_rng(seed + 1 + offset)
+    labels = np.repeat(np.arange(num_classes, dtype=np.int64), per_class)
+    noise = rng.normal(0, 40, size=(len(labels), 3, size, size))
+    images = np.clip(protos[labels] + noise, 0, 255).astype(np.uint8)
+    files = [f"synthetic#{offset}:{i}" for i in range(len(labels))]
+    return RawSplit(images, labels, files, [f"class{c:03d}" for c in range(num_classes)])

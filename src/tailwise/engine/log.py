@@ -1,0 +1,68 @@
+"""Run logging: ``metrics.jsonl`` (one object per epoch), optional TensorBoard, progress on a terminal."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+class MetricsLog:
+    """Appends one JSON object per epoch to ``metrics.jsonl``; mirrors scalars to TensorBoard if asked."""
+
+    def __init__(self, path: str | Path, tensorboard_dir: str | Path | None = None):
+        self.path = Path(path)
+        self.writer = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print("run.tensorboard=true but tensorboard is not installed (pip install tailwise[tensorboard]); "
+                      "continuing without it", file=sys.stderr)
+            else:
+                self.writer = SummaryWriter(str(tensorboard_dir))
+
+    def truncate_after(self, epoch: int) -> None:
+        """Drop records of epochs >= ``epoch`` (written after the checkpoint a resume starts from)."""
+        if not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("epoch", -1) < epoch]
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in _flatten(record).items():
+                if isinstance(value, (int, float)) and key != "epoch":
+                    self.writer.add_scalar(key, value, record["epoch"])
+            self.writer.flush()
+
+    def records(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def _flatten(record: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}/"))
+        elif not isinstance(value, list):
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def progress_mode(setting: str) -> str:
+    """``auto`` → a progress bar on a terminal, plain log lines otherwise."""
+    if setting != "auto":
+        return setting
+    return "bar" if sys.stderr.isatty() else "log"
+
+
+def format_groups(acc: dict | None) -> str:
+    if not acc:
+        return "-"
+    parts = [f"{k} {acc[k]:.2f}" for k in ("all", "many", "medium", "few") if acc.get(k) is not None]
+    return " | ".join(parts)

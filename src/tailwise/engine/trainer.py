@@ -1,0 +1,325 @@
+"""The one training loop. Methods change behaviour only through their hooks (:mod:`tailwise.methods`).
+
+A run: build data, model, loss and method from the config; train ``train.epochs`` epochs with SGD, evaluating
+the validation split after each; checkpoint atomically every epoch (and on SIGINT/SIGTERM, mid-epoch); at the
+end evaluate the test split, let the method produce the deployable model, measure its cost and write
+``result.json`` and ``model/``. ``--resume`` restores every piece of state, so on CPU a resumed run ends with the
+same weights and metrics as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import platform
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import __version__
+from ..compress.cost import count_macs, count_params
+from ..config import Config, dump_config
+from ..data.dataset import LongTailData, build_data
+from ..data.loader import Augment, BatchLoader, Sampler
+from ..deploy import _resize_to, save_model
+from ..errors import TrainingError
+from ..eval.evaluate import evaluate_split
+from ..losses import build_loss
+from ..methods import Method, build_method
+from ..models import build_model
+from .checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
+from .log import MetricsLog, format_groups, progress_mode
+from .schedule import LRSchedule
+
+
+class Interrupted(Exception):
+    """Raised after a checkpoint was saved because SIGINT/SIGTERM arrived."""
+
+
+@dataclass
+class TrainContext:
+    """What a method sees. ``rebuild_optimizer`` must be called after a method replaces parameter tensors."""
+
+    cfg: Config
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: nn.Module
+    data: LongTailData
+    device: torch.device
+    trainer: "Trainer"
+    epoch: int = 0
+    step: int = 0
+    extras: dict = field(default_factory=dict)
+
+    def rebuild_optimizer(self, carry: dict | None = None) -> None:
+        """New optimizer over ``model.parameters()``; parameters that survived keep their state, and
+        ``carry`` maps new parameters to the state they should start from (e.g. sliced momentum)."""
+        old = self.optimizer
+        self.optimizer = self.trainer.make_optimizer(self.model)
+        for group_new, group_old in zip(self.optimizer.param_groups, old.param_groups):
+            group_new["lr"] = group_old["lr"]
+        for p in self.model.parameters():
+            if carry and p in carry:
+                self.optimizer.state[p] = carry[p]
+            elif p in old.state:
+                self.optimizer.state[p] = old.state[p]
+        self.trainer.optimizer = self.optimizer
+
+    def evaluate(self, split: str = "val") -> dict | None:
+        return self.trainer.evaluate(split)
+
+
+def _pick_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError(f"run.device={setting} but CUDA is not available; use run.device=cpu or auto")
+    return torch.device(setting)
+
+
+def _versions() -> dict:
+    import torchvision
+
+    return {"tailwise": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": np.__version__, "python": platform.python_version(), "machine": platform.machine()}
+
+
+class Trainer:
+    def __init__(self, cfg: Config, out: str | Path, log: Callable[[str], None] | None = None):
+        self.cfg, self.out = cfg, Path(out)
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self._stop_signal: int | None = None
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        self.device = _pick_device(cfg.run.device)
+        seed_everything(cfg.run.seed)
+        self.data = build_data(cfg.data, self.log)
+        t, d = cfg.train, self.data
+        counts = d.class_counts
+        self.loss_fn = build_loss(cfg.loss.name, counts, **cfg.loss.kwargs()).to(self.device)
+        normed = cfg.model.normed_head if cfg.model.normed_head is not None else self.loss_fn.requires_normed_head
+        self.model = build_model(cfg.model.name, d.num_classes, normed_head=normed).to(self.device)
+        if t.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.mean = cfg.data.mean or (d.train.images.float().mean(dim=(0, 2, 3)) / 255).tolist()
+        self.std = cfg.data.std or (d.train.images.float().std(dim=(0, 2, 3)) / 255).tolist()
+        self.optimizer = self.make_optimizer(self.model)
+        self.schedule = LRSchedule.from_config(t)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=t.amp and self.device.type == "cuda")
+        self.train_loader = BatchLoader(
+            d.train.images, d.train.labels, t.batch_size, self.mean, self.std,
+            sampler=Sampler(d.train.labels, t.sampler, cfg.run.seed, t.batch_size),
+            augment=Augment(cfg.data.crop_padding, cfg.data.flip, cfg.data.cutout, cfg.data.policy),
+            device=self.device, channels_last=t.channels_last)
+        self.method: Method = build_method(cfg.method)
+        self.ctx = TrainContext(cfg, self.model, self.optimizer, self.loss_fn, d, self.device, self)
+        self.method.setup(self.ctx)
+        self.start_epoch, self.best, self.elapsed = 0, None, 0.0
+        self.epoch_stats = {"loss": 0.0, "correct": 0, "seen": 0, "counted": 0}
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", self.out / "tensorboard" if cfg.run.tensorboard else None)
+        example = d.train.images[:1].float().to(self.device)
+        self.dense_cost = {"params": count_params(self.model), "macs": count_macs(self.model, example)}
+
+    # ---------------------------------------------------------------------------------------------- pieces
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        t = self.cfg.train
+        return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
+                               nesterov=t.nesterov)
+
+    def evaluate(self, split: str) -> dict | None:
+        """Accuracy summary (overall, per group, balanced, per class) of ``split`` with the method's predict."""
+        data = {"val": self.data.val, "test": self.data.test, "train": self.data.train}[split]
+        if data is None:
+            return None
+        was_training = self.ctx.model.training
+        self.ctx.model.eval()
+        try:
+            return evaluate_split(lambda x: self.method.predict(self.ctx, x), data, self.data.groups, self.mean,
+                                  self.std, self.cfg.train.eval_batch_size, self.device, self.loss_fn.adjust_logits,
+                                  self.cfg.train.amp, self.cfg.train.channels_last)
+        finally:
+            self.ctx.model.train(was_training)
+
+    # ----------------------------------------------------------------------------------------- checkpoint
+    def _state(self, epoch: int) -> dict:
+        return {"model": self.ctx.model.state_dict(), "optimizer": self.ctx.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "epoch": epoch, "loader": self.train_loader.state_dict(),
+                "rng": rng_state(), "method": self.method.state_dict(), "best": self.best,
+                "elapsed": self.elapsed, "epoch_stats": dict(self.epoch_stats), "step": self.ctx.step}
+
+    def save(self, epoch: int) -> None:
+        save_checkpoint(self.out / "checkpoints" / "last.pt", self._state(epoch))
+
+    def resume(self) -> None:
+        path = self.out / "checkpoints" / "last.pt"
+        if not path.is_file():
+            raise TrainingError(f"cannot resume: {path} does not exist (the run never finished an epoch)")
+        state = load_checkpoint(path, self.device)
+        _resize_to(self.ctx.model, state["model"])
+        self.ctx.model.to(self.device)
+        self.method.load_state_dict(state["method"])
+        self.ctx.model.load_state_dict(state["model"])
+        self.ctx.rebuild_optimizer()
+        self.ctx.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.train_loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        self.start_epoch, self.best, self.elapsed = state["epoch"], state["best"], state["elapsed"]
+        self.epoch_stats, self.ctx.step = state["epoch_stats"], state["step"]
+        self.metrics.truncate_after(self.start_epoch)
+        self.log(f"resumed {self.out} at epoch {self.start_epoch}"
+                 + (f", batch {self.train_loader.position}" if self.train_loader.position else ""))
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum
+        self.log("signal received: saving a checkpoint after this batch")
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def train_epoch(self, epoch: int) -> dict:
+        ctx, t = self.ctx, self.cfg.train
+        ctx.epoch = epoch
+        lr = self.schedule.apply(ctx.optimizer, epoch)
+        self.loss_fn.set_epoch(epoch)
+        if self.train_loader.position == 0:
+            self.method.on_epoch_start(ctx, epoch)
+            self.epoch_stats = {"loss": 0.0, "correct": 0, "seen": 0, "counted": 0}
+        self.train_loader.set_epoch(epoch)
+        ctx.model.train()
+        stats = self.epoch_stats
+        bar = None
+        if progress_mode(self.cfg.run.progress) == "bar":
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(self.train_loader), initial=self.train_loader.position,
+                       desc=f"epoch {epoch + 1}/{t.epochs}", leave=False, dynamic_ncols=True)
+        for x, y in self.train_loader:
+            with torch.autocast(self.device.type, enabled=t.amp):
+                loss = self.method.training_loss(ctx, x, y)
+                logits = None
+                if loss is None:
+                    logits = ctx.model(x)
+                    loss = self.loss_fn(logits.float(), y)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise TrainingError(f"the training loss became {value} at epoch {epoch + 1}, step {ctx.step}; "
+                                    "lower train.lr or enable train.grad_clip. The last good checkpoint is kept "
+                                    f"in {self.out / 'checkpoints'}")
+            ctx.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.method.after_backward(ctx)
+            if t.grad_clip:
+                self.scaler.unscale_(ctx.optimizer)
+                nn.utils.clip_grad_norm_(ctx.model.parameters(), t.grad_clip)
+            self.scaler.step(ctx.optimizer)
+            self.scaler.update()
+            self.method.after_step(ctx)
+            ctx.step += 1
+            stats["loss"] += value * len(y)
+            stats["seen"] += len(y)
+            if logits is not None:
+                stats["correct"] += int((logits.argmax(1) == y).sum())
+                stats["counted"] += len(y)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['loss'] / stats['seen']:.4f}", lr=f"{lr:.4g}")
+            if self._stop_signal is not None:
+                self.save(epoch)
+                raise Interrupted(f"interrupted at epoch {epoch + 1}; checkpoint saved. Continue with "
+                                  f"`tailwise run --resume {self.out}`")
+        if bar is not None:
+            bar.close()
+        return {"lr": lr, "train_loss": stats["loss"] / max(1, stats["seen"]),
+                "train_acc": 100.0 * stats["correct"] / stats["counted"] if stats["counted"] else None}
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.log(f"training {cfg.model.name} on {self.data.info['name']} ({self.data.info['train_size']} images, "
+                     f"{self.data.num_classes} classes, groups {self.data.groups.sizes()}) with loss {cfg.loss.name}, "
+                     f"method {cfg.method['name']}, on {self.device}; run directory {self.out}")
+            for epoch in range(self.start_epoch, cfg.train.epochs):
+                start = time.perf_counter()
+                record = {"epoch": epoch, **self.train_epoch(epoch)}
+                val = self.evaluate("val")
+                record["val"] = val
+                if cfg.train.eval_test_every_epoch or (val is None and cfg.data.val == "test"):
+                    record["test"] = self.evaluate("test")
+                selection_acc = val or record.get("test")
+                record.update(self.method.on_epoch_end(self.ctx, epoch, selection_acc))
+                self.elapsed += time.perf_counter() - start
+                record["time_s"] = round(time.perf_counter() - start, 3)
+                self.metrics.write(record)
+                if val is not None and cfg.run.keep_best and (self.best is None or val["balanced"] > self.best["val"]["balanced"]):
+                    self.best = {"epoch": epoch, "val": {k: v for k, v in val.items() if k != "per_class"}}
+                    save_checkpoint(self.out / "checkpoints" / "best.pt",
+                                    {"model": self.ctx.model.state_dict(), "method": self.method.state_dict(), "epoch": epoch})
+                self.save(epoch + 1)
+                self.log(f"epoch {epoch + 1}/{cfg.train.epochs}  lr {record['lr']:.4g}  loss {record['train_loss']:.4f}  "
+                         f"val {format_groups(selection_acc)}  {record['time_s']:.1f}s")
+            return self.finish()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    # ---------------------------------------------------------------------------------------------- finish
+    def _evaluate_best(self) -> dict | None:
+        if self.best is None:
+            return None
+        best = load_checkpoint(self.out / "checkpoints" / "best.pt", self.device)
+        current_model, current_method = self.ctx.model, self.method.state_dict()
+        model = copy.deepcopy(current_model)
+        _resize_to(model, best["model"])
+        model.load_state_dict(best["model"])
+        self.ctx.model = model.to(self.device)
+        self.method.load_state_dict(best["method"])
+        try:
+            return {**self.best, "accuracy": self.evaluate("test")}
+        finally:
+            self.ctx.model = current_model
+            self.method.load_state_dict(current_method)
+
+    def finish(self) -> dict:
+        cfg, d = self.cfg, self.data
+        test = self.evaluate("test")
+        best = self._evaluate_best()
+        deployed = self.method.finalize(self.ctx)
+        example = d.train.images[:1].float().to(self.device)
+        cost = {"params": count_params(deployed), "macs": count_macs(deployed, example),
+                "params_dense": self.dense_cost["params"], "macs_dense": self.dense_cost["macs"]}
+        cost["F"] = round(100.0 * cost["macs"] / cost["macs_dense"], 4)
+        preprocess = {"mean": self.mean, "std": self.std, "input_shape": list(d.train.images.shape[1:])}
+        save_model(deployed, self.out / "model", preprocess, d.classes)
+        result = {
+            "dataset": {k: v for k, v in d.info.items() if k != "classes"},
+            "groups": d.groups.to_json(),
+            "accuracy": {k: v for k, v in test.items() if k != "group_sizes"},
+            "selection": "last",
+            "cost": cost,
+            "method": self.method.describe(),
+            "loss": cfg.loss.name,
+            "loss_config": self.loss_fn.describe(),
+            "model": cfg.model.name,
+            "epochs": cfg.train.epochs,
+            "seed": cfg.run.seed,
+            "time_s": round(self.elapsed, 2),
+            "versions": _versions(),
+        }
+        if best is not None:
+            result["best_on_val"] = best
+        atomic_write_json(self.out / "result.json", result)
+        return result
+
+
+def prepare_run_dir(cfg: Config, out: Path) -> None:
+    """Create the run directory and write ``config.yaml``; refuse to overwrite another run."""
+    if out.exists() and any(out.iterdir()):
+        raise TrainingError(f"{out} already contains files; choose another --out or continue it with --resume {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", dump_config(cfg))

@@ -1,0 +1,48 @@
+"""Evaluate a model (or a method's ``predict``) on a split, and re-evaluate a finished run."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..data.dataset import Split
+from ..data.loader import BatchLoader
+from ..data.longtail import ShotGroups
+from .metrics import summarize
+
+
+def evaluate_split(predict: Callable[[torch.Tensor], torch.Tensor], split: Split, groups: ShotGroups,
+                   mean, std, batch_size: int = 512, device="cpu", adjust: Callable | None = None,
+                   amp: bool = False, channels_last: bool = False) -> dict:
+    """Accuracy summary of ``argmax(adjust(predict(x)))`` over ``split`` (in order, unaugmented)."""
+    loader = BatchLoader(split.images, split.labels, batch_size, mean, std, device=device, channels_last=channels_last)
+    device = torch.device(device)
+    preds = []
+    with torch.no_grad(), torch.autocast(device.type, enabled=amp):
+        for x, _ in loader:
+            logits = predict(x).float()
+            preds.append((adjust(logits) if adjust is not None else logits).argmax(1).cpu())
+    return summarize(torch.cat(preds), split.labels, groups)
+
+
+def evaluate_run(run_dir: Path, device: str = "cpu") -> dict:
+    """Rebuild a finished run's test split from its ``config.yaml`` and evaluate its deployed ``model/``;
+    returns the ``accuracy`` block of ``result.json``."""
+    from ..config import config_from_dict, load_recipe
+    from ..data.dataset import build_data
+    from ..deploy import load_model
+    from ..errors import TailwiseError
+    from ..losses import build_loss
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise TailwiseError(f"{run_dir} has no config.yaml: not a tailwise run directory")
+    cfg = config_from_dict(load_recipe(run_dir / "config.yaml"))
+    model = load_model(run_dir, device)
+    data = build_data(cfg.data, log=lambda msg: None)
+    loss = build_loss(cfg.loss.name, data.class_counts, **cfg.loss.kwargs()).to(device)
+    pre = model.preprocess
+    acc = evaluate_split(model, data.test, data.groups, pre["mean"], pre["std"], cfg.train.eval_batch_size, device,
+                         loss.adjust_logits)
+    return {k: v for k, v in acc.items() if k != "group_sizes"}

@@ -1,0 +1,98 @@
+"""Methods: plain classes the trainer calls at fixed points (the Method hook protocol of DESIGN.md).
+
+A method registers itself with :func:`register_method`, giving its name and an options dataclass; the run
+config's ``method`` section is ``{name: ..., <that dataclass's keys>}`` and is validated by it up front.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+
+class Method:
+    """The hook protocol. The base class is the plain baseline (``method: none``): every hook is a no-op."""
+
+    name = "none"
+
+    @dataclass
+    class Options:
+        pass
+
+    def __init__(self, options: "Method.Options"):
+        self.options = options
+
+    def setup(self, ctx) -> None:
+        """Called once after the model, optimizer, data and loss exist (and before a resume is loaded)."""
+
+    def on_epoch_start(self, ctx, epoch: int) -> None:
+        pass
+
+    def training_loss(self, ctx, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """Return the loss for this batch to override ``loss_fn(model(x), y)``, or None."""
+        return None
+
+    def after_backward(self, ctx) -> None:
+        """Gradients are populated (accumulate gradient-based scores here)."""
+
+    def after_step(self, ctx) -> None:
+        """The optimizer has stepped (enforce masks / frozen values here)."""
+
+    def on_epoch_end(self, ctx, epoch: int, val: dict | None) -> dict:
+        """``val`` is the validation summary of this epoch. Returns extra fields for ``metrics.jsonl``."""
+        return {}
+
+    def predict(self, ctx, x: torch.Tensor) -> torch.Tensor:
+        return ctx.model(x)
+
+    def finalize(self, ctx) -> nn.Module:
+        """Return the deployable model (physically compressed, merged, ...)."""
+        return ctx.model
+
+    def describe(self) -> dict:
+        return {"name": self.name, **dataclasses.asdict(self.options)}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+_METHODS: dict[str, type[Method]] = {"none": Method}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def list_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def validate_method_config(raw: Any) -> dict:
+    """Validate the ``method`` section against the method's options dataclass; returns the resolved dict."""
+    from ..config import build_dataclass
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"method: expected a mapping like {{name: none}}, got {raw!r}")
+    raw = dict(raw)
+    name = raw.pop("name", "none")
+    if name not in _METHODS:
+        raise ConfigError(f"method.name: {name!r} is not allowed; allowed: {', '.join(list_methods())}")
+    options = build_dataclass(_METHODS[name].Options, raw, "method")
+    return {"name": name, **dataclasses.asdict(options)}
+
+
+def build_method(config: dict) -> Method:
+    from ..config import build_dataclass
+
+    config = dict(config)
+    cls = _METHODS[config.pop("name")]
+    return cls(build_dataclass(cls.Options, config, "method"))

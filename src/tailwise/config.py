@@ -214,15 +214,19 @@ def _check_consistency(cfg: Config) -> None:
                           "(a CIFAR pickle folder, or an image-folder tree or .tar.gz of one)")
     if sorted(cfg.train.milestones) != cfg.train.milestones:
         raise ConfigError(f"train.milestones must be increasing, got {cfg.train.milestones}")
-    if cfg.train.warmup_epochs >= cfg.train.epochs and cfg.train.warmup_epochs > 0:
-        raise ConfigError(f"train.warmup_epochs ({cfg.train.warmup_epochs}) must be below train.epochs ({cfg.train.epochs})")
     for key in ("mean", "std"):
         value = getattr(cfg.data, key)
         if value is not None and len(value) != 3:
             raise ConfigError(f"data.{key} must have 3 values (one per RGB channel), got {value}")
     if cfg.run.device not in ("auto", "cpu") and not cfg.run.device.startswith("cuda"):
         raise ConfigError(f"run.device: {cfg.run.device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N")
+    from .losses import build_loss
     from .models import list_models
+
+    try:  # the loss validates its own keys and values; dummy counts suffice for that
+        build_loss(cfg.loss.name, [10, 1], **cfg.loss.kwargs())
+    except ValueError as exc:
+        raise ConfigError(f"loss: {exc}") from None
 
     if cfg.model.name not in list_models():
         raise ConfigError(f"model.name: {cfg.model.name!r} is not allowed; allowed: {', '.join(list_models())}")

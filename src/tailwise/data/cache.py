@@ -87,13 +87,14 @@ def _load(entry: Path) -> RawSplit | None:
         manifest = json.loads((entry / "manifest.json").read_text())
         images = np.load(entry / "images.npy")
         labels = np.load(entry / "labels.npy")
-    except (OSError, ValueError):
+        # an empty or cut file raises EOFError; a manifest without a key raises KeyError / TypeError
+        if (list(images.shape) != manifest.get("shape") or images.dtype != np.uint8
+                or _array_sha256(images) != manifest.get("images_sha256")
+                or _array_sha256(labels) != manifest.get("labels_sha256")):
+            return None
+        return RawSplit(images, labels, list(manifest["files"]), list(manifest["classes"]))
+    except (OSError, ValueError, EOFError, KeyError, TypeError, AttributeError):
         return None
-    if (list(images.shape) != manifest.get("shape") or images.dtype != np.uint8
-            or _array_sha256(images) != manifest.get("images_sha256")
-            or _array_sha256(labels) != manifest.get("labels_sha256")):
-        return None
-    return RawSplit(images, labels, manifest["files"], manifest["classes"])
 
 
 def _store(entry: Path, split: RawSplit, info: dict) -> None:

@@ -21,7 +21,8 @@ import torch
 from ..errors import DataError
 from . import sources
 from .cache import cached_split
-from .longtail import ShotGroups, class_counts, index_sha256, longtail_indices, profile_counts, shot_groups
+from .longtail import (ShotGroups, class_counts, imbalance_ratio, index_sha256, longtail_indices, profile_counts,
+                       shot_groups)
 
 DATASETS = ("cifar10-lt", "cifar100-lt", "imagefolder", "listfile", "synthetic")
 
@@ -61,7 +62,7 @@ def _to_split(raw: sources.RawSplit, idx: np.ndarray | None = None) -> Split:
 def _read_splits(cfg, log: Callable[[str], None]) -> tuple[sources.RawSplit, sources.RawSplit, sources.RawSplit | None]:
     """Read (train source, test, own val split or None) for the configured dataset."""
     name, root, size = cfg.name, cfg.root, cfg.image_size
-    cache = False if cfg.cache_dir is False else cfg.cache_dir
+    cache = False if (not cfg.cache or cfg.cache_dir is False) else cfg.cache_dir
 
     def progress(n):
         log(f"  decoded {n} images")
@@ -152,8 +153,13 @@ def build_data(cfg, log: Callable[[str], None] = print) -> LongTailData:
         ratio = max(available) / min(available)
     else:
         counts = profile_counts(min(available), k, cfg.imbalance_ratio, cfg.profile)
+        ratio = imbalance_ratio(cfg.imbalance_ratio)  # the configured ratio (a factor 0.01 is stored as 100)
+        starved = [train_src.classes[c] for c, n in enumerate(counts) if n < 1]
+        if starved:
+            raise DataError(
+                f"data.imbalance_ratio={cfg.imbalance_ratio} with {min(available)} images per class leaves "
+                f"class(es) {starved[:5]} with no training images; lower the imbalance ratio or use more images")
         selected = longtail_indices(train_src.labels, counts, seed=0)
-        ratio = counts[0] / counts[-1] if cfg.profile == "exp" else max(counts) / min(counts)
     subset_hash = index_sha256(selected)
 
     val_info: dict

@@ -94,14 +94,22 @@ class _Tree:
 
     def files(self) -> list[str]:
         """All image files as '/'-separated paths relative to the root."""
+        return self.listing()[0]
+
+    def listing(self) -> tuple[list[str], list[str]]:
+        """(image files, directories) as '/'-separated paths relative to the root. Directories are those the
+        tree records (archives without directory entries list none); they reveal class folders without images."""
         if self.is_archive:
             with tarfile.open(self.root) as tar:
-                return [m.name.lstrip("./") for m in tar.getmembers() if m.isfile() and _is_image(m.name)]
-        out = []
-        for dirpath, _, filenames in os.walk(self.root):
+                members = tar.getmembers()
+            return ([m.name.lstrip("./") for m in members if m.isfile() and _is_image(m.name)],
+                    [m.name.lstrip("./").rstrip("/") for m in members if m.isdir()])
+        out, dirs = [], []
+        for dirpath, dirnames, filenames in os.walk(self.root):
             rel = Path(dirpath).relative_to(self.root)
             out.extend(str(rel / f).replace(os.sep, "/").lstrip("./") for f in filenames if _is_image(f))
-        return out
+            dirs.extend(str(rel / d).replace(os.sep, "/").lstrip("./") for d in dirnames)
+        return out, dirs
 
     def read(self, wanted: set[str]) -> Iterator[tuple[str, bytes]]:
         """Yield (path, bytes) for the wanted paths (archive order for tars: one sequential pass)."""
@@ -133,7 +141,7 @@ def read_image_folder(root, split: str, size: int | None = None, classes: list[s
     top-level folder). Labels follow sorted class folder names, or ``classes`` when given (e.g. the train
     split's classes for the test split)."""
     tree = _Tree(root)
-    files = tree.files()
+    files, dirs = tree.listing()
     prefix = _split_prefix(files, split) + split + "/"
     by_class: dict[str, list[str]] = {}
     for f in files:
@@ -143,7 +151,11 @@ def read_image_folder(root, split: str, size: int | None = None, classes: list[s
                 by_class.setdefault(parts[0], []).append(f)
     if not by_class:
         raise DataError(f"no images found under {root} for split '{split}' (expected {split}/<class>/<image>)")
-    names = sorted(by_class) if classes is None else list(classes)
+    # class folders without any image still are classes (they must be reported as empty, not silently dropped,
+    # which would shift the labels of every later class)
+    empty_folders = {d[len(prefix):] for d in dirs if d.startswith(prefix) and "/" not in d[len(prefix):]
+                     and not d[len(prefix):].startswith(".")} - set(by_class)
+    names = sorted(set(by_class) | empty_folders) if classes is None else list(classes)
     unknown = sorted(set(by_class) - set(names))
     if unknown:
         raise DataError(f"split '{split}' of {root} has class folders not in the training split: {unknown[:5]}")
@@ -240,7 +252,9 @@ def synthetic_split(num_classes: int, per_class: int, size: int = 32, seed: int 
     protos = coarse.repeat(size // 4 + 1, axis=2).repeat(size // 4 + 1, axis=3)[:, :, :size, :size]
     rng = np.random.default_rng(seed + 1 + offset)
     labels = np.repeat(np.arange(num_classes, dtype=np.int64), per_class)
-    noise = rng.normal(0, 40, size=(len(labels), 3, size, size))
-    images = np.clip(protos[labels] + noise, 0, 255).astype(np.uint8)
+    images = np.empty((len(labels), 3, size, size), dtype=np.uint8)
+    for c in range(num_classes):  # one class at a time keeps memory at one class's float noise
+        noise = rng.standard_normal((per_class, 3, size, size), dtype=np.float32) * 40
+        images[c * per_class:(c + 1) * per_class] = np.clip(protos[c] + noise, 0, 255).astype(np.uint8)
     files = [f"synthetic#{offset}:{i}" for i in range(len(labels))]
     return RawSplit(images, labels, files, [f"class{c:03d}" for c in range(num_classes)])

@@ -1,0 +1,149 @@
+"""The training loop: exact resume, NaN handling, run artifacts, the deployable model, schedules."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from tailwise.config import config_from_dict
+from tailwise.deploy import load_model
+from tailwise.engine.schedule import LRSchedule
+from tailwise.engine.trainer import Interrupted, Trainer, prepare_run_dir
+from tailwise.errors import TrainingError
+from tailwise.eval.evaluate import evaluate_run
+from tailwise.methods import Method
+
+
+def tiny_config(**train) -> dict:
+    return {
+        "data": {"name": "synthetic", "num_classes": 4, "synthetic_per_class": 40, "synthetic_test_per_class": 10,
+                 "imbalance_ratio": 10, "image_size": 16, "val_per_class": 5, "cache": False},
+        "model": {"name": "resnet20"},
+        "loss": {"name": "balanced_softmax"},
+        "train": {"epochs": 3, "batch_size": 16, "eval_batch_size": 64, "lr": 0.05, "warmup_epochs": 1,
+                  "milestones": [2], **train},
+        "run": {"seed": 3, "progress": "none", "threads": 1},
+    }
+
+
+def make_trainer(tmp_path, name="run", **train) -> Trainer:
+    cfg = config_from_dict(tiny_config(**train))
+    out = tmp_path / name
+    prepare_run_dir(cfg, out)
+    return Trainer(cfg, out, log=lambda msg: None)
+
+
+def weights(trainer: Trainer) -> dict:
+    return {k: v.clone() for k, v in trainer.ctx.model.state_dict().items()}
+
+
+def stop_after(trainer: Trainer, step: int) -> None:
+    """Simulate SIGINT arriving during training step ``step``."""
+    hook = trainer.method.after_step
+
+    def after_step(ctx):
+        hook(ctx)
+        if ctx.step + 1 == step:
+            trainer._stop_signal = 2
+
+    trainer.method.after_step = after_step
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    trainer = make_trainer(tmp_path_factory.mktemp("full"))
+    result = trainer.fit()
+    return trainer, result
+
+
+@pytest.mark.parametrize("stop_step", [3, 8])  # mid-epoch 0 and mid-epoch 1 (5 batches per epoch)
+def test_resume_equals_uninterrupted(tmp_path, uninterrupted, stop_step):
+    full, full_result = uninterrupted
+    first = make_trainer(tmp_path)
+    assert len(first.train_loader) == 5
+    stop_after(first, stop_step)
+    with pytest.raises(Interrupted):
+        first.fit()
+    resumed = Trainer(first.cfg, first.out, log=lambda msg: None)
+    resumed.resume()
+    assert resumed.start_epoch == (stop_step - 1) // 5
+    result = resumed.fit()
+    for key, value in weights(full).items():
+        assert torch.equal(value, resumed.ctx.model.state_dict()[key]), key
+    assert result["accuracy"] == full_result["accuracy"]
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "time_s"} for r in recs]  # noqa: E731
+    assert strip(resumed.metrics.records()) == strip(full.metrics.records())
+
+
+def test_run_directory_contract(uninterrupted):
+    trainer, result = uninterrupted
+    out = trainer.out
+    for name in ("config.yaml", "metrics.jsonl", "result.json", "checkpoints/last.pt", "checkpoints/best.pt",
+                 "model/weights.safetensors", "model/arch.json"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "result.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert set(saved) >= {"dataset", "groups", "accuracy", "selection", "cost", "method", "loss", "time_s", "versions"}
+    assert saved["dataset"]["class_counts"] == [35, 18, 8, 4]  # 40, 18, 8, 4 minus the head class's 5 val images
+    assert saved["dataset"]["train_size"] == 65 and saved["dataset"]["subset_size"] == 70
+    assert saved["cost"]["F"] == 100.0 and saved["cost"]["params"] == saved["cost"]["params_dense"]
+    assert saved["selection"] == "last" and 0 <= saved["best_on_val"]["epoch"] < 3
+    records = trainer.metrics.records()
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    assert all(set(r["val"]) >= {"all", "many", "medium", "few", "balanced", "per_class"} for r in records)
+    # per-class accuracy on the 4-class test set, recomputed from the reported per-class list
+    per_class = saved["accuracy"]["per_class"]
+    assert math.isclose(saved["accuracy"]["balanced"], sum(per_class) / 4, abs_tol=1e-3)
+
+
+def test_saved_model_reloads_and_reevaluates(uninterrupted):
+    trainer, result = uninterrupted
+    model = load_model(trainer.out)
+    x = torch.randn(3, 3, 16, 16)
+    trainer.ctx.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x), trainer.ctx.model(x), atol=1e-6)
+    assert model.classes == trainer.data.classes and len(model.preprocess["mean"]) == 3
+    assert evaluate_run(trainer.out) == result["accuracy"]
+
+
+class NaNAtEpoch(Method):
+    name = "nan-test"
+
+    def training_loss(self, ctx, x, y):
+        if ctx.epoch == 1:
+            return torch.tensor(float("nan"), requires_grad=True)
+        return None
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    trainer = make_trainer(tmp_path)
+    trainer.method = NaNAtEpoch(Method.Options())
+    with pytest.raises(TrainingError, match="nan"):
+        trainer.fit()
+    state = torch.load(trainer.out / "checkpoints" / "last.pt", weights_only=True)
+    assert state["epoch"] == 1  # the checkpoint written after the last good epoch
+    assert not (trainer.out / "result.json").exists()
+
+
+def test_refuses_to_overwrite_a_run(tmp_path):
+    make_trainer(tmp_path)
+    with pytest.raises(TrainingError, match="--resume"):
+        prepare_run_dir(config_from_dict(tiny_config()), tmp_path / "run")
+
+
+def test_step_schedule_ldam_recipe():
+    s = LRSchedule(0.1, 200, "step", warmup_epochs=5, milestones=[160, 180], lr_decay=0.01)
+    assert [round(s(e), 10) for e in range(5)] == [0.02, 0.04, 0.06, 0.08, 0.1]
+    assert s(5) == s(159) == 0.1
+    assert math.isclose(s(160), 1e-3) and math.isclose(s(179), 1e-3)
+    assert math.isclose(s(180), 1e-5) and math.isclose(s(199), 1e-5)
+
+
+def test_cosine_schedule():
+    s = LRSchedule(0.1, 12, "cosine", warmup_epochs=2, min_lr=0.0)
+    assert s(0) == 0.05 and s(2) == 0.1
+    assert math.isclose(s(7), 0.05)  # halfway through the 10 post-warm-up epochs
+    assert s(11) < s(10) < 0.01

@@ -1,9 +1,6 @@
 """Config: YAML + overrides, rejection of unknown keys, wrong types and impossible values; the CLI's exit codes."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import yaml
 
@@ -69,32 +66,3 @@ def test_bundled_recipes_validate(name):
 
     cfg = load_config(name, demo_overrides() if name == "demo" else [])
     assert cfg.model.name in {"resnet20", "resnet32", "resnet50"}
-
-
-def run_cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "tailwise", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
-
-
-def test_cli_bad_config_exits_2_without_traceback_or_files(tmp_path):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("data: {name: synthetic}\ntrain: {epochs: 2, learning_rate: 0.1}\n")
-    proc = run_cli("run", str(recipe), "--out", str(tmp_path / "out"), cwd=tmp_path)
-    assert proc.returncode == 2
-    assert "unknown key train.learning_rate" in proc.stderr and "Traceback" not in proc.stderr
-    assert not (tmp_path / "out").exists()
-
-
-def test_cli_invalid_yaml_and_missing_recipe(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("data: [unclosed\n")
-    proc = run_cli("run", str(bad), cwd=tmp_path)
-    assert proc.returncode == 2 and "not valid YAML" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_cli("run", "no_such_recipe.yaml", cwd=tmp_path)
-    assert proc.returncode == 2 and "not found" in proc.stderr
-
-
-def test_cli_data_inspect_synthetic(tmp_path):
-    proc = run_cli("data", "inspect", "data.name=synthetic", "data.num_classes=100", "data.cache=false", "--json", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    info = yaml.safe_load(proc.stdout)
-    assert info["subset_size"] == 10847 and info["groups"]["many"] == 35 and len(info["index_sha256"]) == 64

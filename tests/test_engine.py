@@ -147,3 +147,24 @@ def test_cosine_schedule():
     assert s(0) == 0.05 and s(2) == 0.1
     assert math.isclose(s(7), 0.05)  # halfway through the 10 post-warm-up epochs
     assert s(11) < s(10) < 0.01
+
+
+def test_rebuild_optimizer_keeps_surviving_state_and_carries_new(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=1)
+    ctx = trainer.ctx
+    x, y = next(iter(trainer.train_loader))
+    trainer.loss_fn(ctx.model(x), y).backward()
+    ctx.optimizer.step()
+    fc_bias = ctx.model.fc.bias
+    kept_momentum = ctx.optimizer.state[fc_bias]["momentum_buffer"].clone()
+    # a method narrows the classifier's weight: a new Parameter whose momentum is a slice of the old one
+    old_weight = ctx.model.fc.weight
+    new_weight = torch.nn.Parameter(old_weight.detach()[:, :8].clone())
+    carried = {"momentum_buffer": ctx.optimizer.state[old_weight]["momentum_buffer"][:, :8].clone()}
+    ctx.model.fc.weight = new_weight
+    ctx.rebuild_optimizer({new_weight: carried})
+    assert trainer.optimizer is ctx.optimizer
+    assert torch.equal(ctx.optimizer.state[fc_bias]["momentum_buffer"], kept_momentum)
+    assert torch.equal(ctx.optimizer.state[new_weight]["momentum_buffer"], carried["momentum_buffer"])
+    assert old_weight not in ctx.optimizer.state
+    assert sum(len(g["params"]) for g in ctx.optimizer.param_groups) == len(list(ctx.model.parameters()))

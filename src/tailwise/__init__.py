@@ -9,4 +9,29 @@ def load_model(path, device="cpu"):
     return _load(path, device)
 
 
-__all__ = ["__version__", "load_model"]
+def run(recipe, overrides=(), out=None, resume=False):
+    """Train and evaluate one run (like ``tailwise run``); returns the ``result.json`` record.
+
+    ``recipe`` is a YAML path or a bundled recipe name, ``overrides`` a list of ``section.key=value`` strings,
+    ``out`` the run directory (default ``runs/<recipe>-<timestamp>``); ``resume=True`` continues ``out``.
+    """
+    import time
+    from pathlib import Path
+
+    from .config import config_from_dict, load_config, load_recipe
+    from .engine.trainer import Trainer, prepare_run_dir
+
+    if resume:
+        cfg = config_from_dict(load_recipe(Path(out) / "config.yaml"))
+    else:
+        cfg = load_config(recipe, list(overrides))
+    out = Path(out or cfg.run.out or f"runs/{Path(str(recipe)).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if not resume:
+        prepare_run_dir(cfg, out)
+    trainer = Trainer(cfg, out)
+    if resume:
+        trainer.resume()
+    return trainer.fit()
+
+
+__all__ = ["__version__", "load_model", "run"]

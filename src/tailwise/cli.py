@@ -44,55 +44,38 @@ def _table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _train(cfg, out: Path, resume: bool) -> dict:
-    from .engine.trainer import Trainer, prepare_run_dir
-
-    if not resume:
-        prepare_run_dir(cfg, out)
-    trainer = Trainer(cfg, out, _log)
-    if resume:
-        trainer.resume()
-    return trainer.fit()
-
-
 def cmd_run(ns) -> int:
-    from .config import load_config, load_recipe, config_from_dict
+    from . import run
 
     recipe, overrides = _split_recipe(ns.args)
     if ns.resume:
-        run_dir = Path(ns.resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise TailwiseError(f"--resume {run_dir}: no config.yaml there, not a tailwise run directory")
+        if not (Path(ns.resume) / "config.yaml").is_file():
+            raise TailwiseError(f"--resume {ns.resume}: no config.yaml there, not a tailwise run directory")
         if overrides or recipe:
             raise TailwiseError("--resume continues a run with its saved config.yaml; do not pass a recipe or overrides")
-        cfg = config_from_dict(load_recipe(run_dir / "config.yaml"))
-        out = run_dir
-    else:
-        if recipe is None:
-            raise TailwiseError("tailwise run needs a recipe (a YAML file or a name from `tailwise recipes`)")
-        cfg = load_config(recipe, overrides)
-        out = Path(ns.out or cfg.run.out or f"runs/{Path(recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-    result = _train(cfg, out, bool(ns.resume))
+    elif recipe is None:
+        raise TailwiseError("tailwise run needs a recipe (a YAML file or a name from `tailwise recipes`)")
+    out = ns.resume or ns.out or f"runs/{Path(recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = run(recipe, overrides, out, resume=bool(ns.resume))
     print(_table(result))
     print(f"run directory: {out}")
     return 0
 
 
 def cmd_demo(ns) -> int:
-    from .config import load_config
+    from . import run
     from .demo import demo_overrides
 
-    out = Path(ns.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    cfg = load_config("demo", demo_overrides(ns.epochs))
+    out = ns.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
     _log("tailwise demo: ResNet-20 on a small real CIFAR-10-LT subset shipped with the package (about 2 minutes on 2 CPU cores)")
-    result = _train(cfg, out, resume=False)
+    result = run("demo", demo_overrides(ns.epochs), out)
     print(_table(result))
     print(f"run directory: {out}  (re-evaluate with `tailwise eval {out}`; load with tailwise.load_model('{out}'))")
     return 0
 
 
 def cmd_eval(ns) -> int:
-    from .evaluate import evaluate_run
+    from .eval.evaluate import evaluate_run
 
     acc = evaluate_run(Path(ns.run_dir))
     if ns.json:

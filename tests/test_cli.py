@@ -1,0 +1,56 @@
+"""The `tailwise` command end to end: exit codes, no tracebacks, the demo, eval and data inspect."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import yaml
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "tailwise", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_cli_bad_config_exits_2_without_traceback_or_files(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: {name: synthetic}\ntrain: {epochs: 2, learning_rate: 0.1}\n")
+    proc = run_cli("run", str(recipe), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "unknown key train.learning_rate" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_invalid_yaml_and_missing_recipe(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    proc = run_cli("run", str(bad), cwd=tmp_path)
+    assert proc.returncode == 2 and "not valid YAML" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("run", "no_such_recipe.yaml", cwd=tmp_path)
+    assert proc.returncode == 2 and "not found" in proc.stderr
+
+
+def test_cli_data_inspect_synthetic(tmp_path):
+    proc = run_cli("data", "inspect", "data.name=synthetic", "data.num_classes=100", "data.cache=false", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    info = yaml.safe_load(proc.stdout)
+    assert info["subset_size"] == 10847 and info["groups"]["many"] == 35 and len(info["index_sha256"]) == 64
+
+
+def test_cli_demo_then_eval_and_resume(tmp_path):
+    out = tmp_path / "demo"
+    proc = run_cli("demo", "--epochs", "1", "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "many" in proc.stdout and "few" in proc.stdout and f"run directory: {out}" in proc.stdout
+    result = json.loads((out / "result.json").read_text())
+    assert result["dataset"]["train_size"] == 2795 and result["dataset"]["val"]["source"] == "dataset val split"
+    proc = run_cli("eval", str(out), "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == result["accuracy"]
+    proc = run_cli("run", "--resume", str(out), "train.epochs=3", cwd=tmp_path)
+    assert proc.returncode == 2 and "do not pass a recipe or overrides" in proc.stderr
+
+
+def test_cli_eval_of_a_non_run_dir(tmp_path):
+    proc = run_cli("eval", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 2 and "not a tailwise run directory" in proc.stderr and "Traceback" not in proc.stderr

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tailwise.cli import RESUME_OVERRIDES
+
 
 def run_dir_name(recipe: str, seed: int, extra: list[str]) -> str:
     tag = "".join(f"_{kv.split('=')[0].split('.')[-1]}{kv.split('=')[1]}" for kv in extra)
@@ -36,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[matrix] {out}: finished, skipping", flush=True)
                 continue
             if (out / "checkpoints" / "last.pt").is_file():
-                cmd = [sys.executable, "-m", "tailwise", "run", "--resume", str(out)]
+                cmd = [sys.executable, "-m", "tailwise", "run", "--resume", str(out),
+                       *[kv for kv in args.set if kv.split("=", 1)[0] in RESUME_OVERRIDES]]
             else:
                 cmd = [sys.executable, "-m", "tailwise", "run", recipe, f"run.seed={seed}", *args.set, *extra, "--out", str(out)]
             print(f"[matrix] {' '.join(cmd)}", flush=True)

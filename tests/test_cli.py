@@ -48,7 +48,7 @@ def test_cli_demo_then_eval_and_resume(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == result["accuracy"]
     proc = run_cli("run", "--resume", str(out), "train.epochs=3", cwd=tmp_path)
-    assert proc.returncode == 2 and "do not pass a recipe or overrides" in proc.stderr
+    assert proc.returncode == 2 and "do not pass a recipe or overrides other than" in proc.stderr
 
 
 def test_cli_eval_of_a_non_run_dir(tmp_path):

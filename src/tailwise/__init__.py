@@ -18,11 +18,11 @@ def run(recipe, overrides=(), out=None, resume=False):
     import time
     from pathlib import Path
 
-    from .config import config_from_dict, load_config, load_recipe
+    from .config import apply_overrides, config_from_dict, load_config, load_recipe
     from .engine.trainer import Trainer, prepare_run_dir
 
-    if resume:
-        cfg = config_from_dict(load_recipe(Path(out) / "config.yaml"))
+    if resume:  # overrides may only change how the run executes (threads, progress), see the CLI
+        cfg = config_from_dict(apply_overrides(load_recipe(Path(out) / "config.yaml"), list(overrides)))
     else:
         cfg = load_config(recipe, list(overrides))
     out = Path(out or cfg.run.out or f"runs/{Path(str(recipe)).stem}-{time.strftime('%Y%m%d-%H%M%S')}")

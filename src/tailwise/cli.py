@@ -18,6 +18,8 @@ from pathlib import Path
 
 from .errors import TailwiseError
 
+RESUME_OVERRIDES = ("run.threads", "run.progress", "run.tensorboard")
+
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -51,8 +53,9 @@ def cmd_run(ns) -> int:
     if ns.resume:
         if not (Path(ns.resume) / "config.yaml").is_file():
             raise TailwiseError(f"--resume {ns.resume}: no config.yaml there, not a tailwise run directory")
-        if overrides or recipe:
-            raise TailwiseError("--resume continues a run with its saved config.yaml; do not pass a recipe or overrides")
+        if recipe or any(o.split("=", 1)[0] not in RESUME_OVERRIDES for o in overrides):
+            raise TailwiseError("--resume continues a run with its saved config.yaml; do not pass a recipe or "
+                                f"overrides other than {', '.join(RESUME_OVERRIDES)} (they do not change results)")
     elif recipe is None:
         raise TailwiseError("tailwise run needs a recipe (a YAML file or a name from `tailwise recipes`)")
     out = ns.resume or ns.out or f"runs/{Path(recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -244,6 +244,7 @@ def config_from_dict(raw: dict) -> Config:
     method = validate_method_config(raw.get("method") or {"name": "none"})
     cfg = Config(method=method, **sections)
     _check_consistency(cfg)
+    cfg.method = validate_method_config(method, cfg)
     return cfg
 
 

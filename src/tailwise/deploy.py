@@ -15,7 +15,7 @@ from torch import nn
 
 from .engine.checkpoint import atomic_write_bytes, atomic_write_json
 from .errors import TailwiseError
-from .models import build_model
+from .models import NormedLinear, build_model
 
 ARCH_FORMAT = 1
 
@@ -26,7 +26,7 @@ def layer_channels(model: nn.Module) -> dict[str, list[int]]:
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
             out[name] = [m.in_channels, m.out_channels]
-        elif isinstance(m, nn.Linear):
+        elif isinstance(m, (nn.Linear, NormedLinear)):
             out[name] = [m.in_features, m.out_features]
     return out
 
@@ -55,6 +55,8 @@ def _resize_to(model: nn.Module, state: dict) -> None:
             new = nn.BatchNorm2d(weight.shape[0], module.eps, module.momentum, module.affine, module.track_running_stats)
         elif isinstance(module, nn.Linear):
             new = nn.Linear(weight.shape[1], weight.shape[0], module.bias is not None)
+        elif isinstance(module, NormedLinear):
+            new = NormedLinear(weight.shape[0], weight.shape[1])
         else:
             raise TailwiseError(f"cannot rebuild layer {name} ({type(module).__name__}) at saved shape {tuple(weight.shape)}")
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model

@@ -12,30 +12,63 @@ import torch
 from torch import nn
 
 
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def _is_head(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "NormedLinear"
+
+
+def _live(layer_live: dict, name: str, module: nn.Module) -> tuple[int, int]:
+    """(input channels, output channels) of ``module``, reduced to the live ones when masks govern them."""
+    if isinstance(module, nn.Conv2d):
+        full = (module.in_channels, module.out_channels)
+    elif isinstance(module, nn.BatchNorm2d):
+        full = (module.num_features, module.num_features)
+    else:
+        full = (module.in_features, module.out_features)
+    live_in, live_out = layer_live.get(name, (None, None))
+    return (full[0] if live_in is None else live_in), (full[1] if live_out is None else live_out)
+
+
+def count_params(model: nn.Module, masks=None) -> int:
+    """Parameter count; with ``masks``, the count of the compressed model the masks describe."""
+    layer_live = masks.layer_live() if masks is not None else {}
+    total = 0
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if not own:
+            continue
+        if isinstance(module, nn.Conv2d):
+            cin, cout = _live(layer_live, name, module)
+            k = module.kernel_size[0] * module.kernel_size[1]
+            total += cout * (cin // module.groups) * k + (cout if module.bias is not None else 0)
+        elif isinstance(module, nn.BatchNorm2d) and module.affine:
+            total += 2 * _live(layer_live, name, module)[1]
+        elif _is_head(module):
+            cin, cout = _live(layer_live, name, module)
+            total += cin * cout + (cout if getattr(module, "bias", None) is not None else 0)
+        else:
+            total += sum(p.numel() for p in own)
+    return total
 
 
 @torch.no_grad()
-def count_macs(model: nn.Module, example: torch.Tensor) -> int:
-    """MACs of one forward pass of a single image (``example`` has batch size 1)."""
+def count_macs(model: nn.Module, example: torch.Tensor, masks=None) -> int:
+    """MACs of one forward pass of a single image; with ``masks``, of the compressed model they describe."""
+    layer_live = masks.layer_live() if masks is not None else {}
     total = 0
 
-    def conv_hook(module: nn.Conv2d, inputs, output):
-        nonlocal total
-        k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
-        total += k * output.numel() // output.shape[0]
+    def hook(name):
+        def count(module, inputs, output):
+            nonlocal total
+            cin, cout = _live(layer_live, name, module)
+            if isinstance(module, nn.Conv2d):
+                spatial = output.shape[2] * output.shape[3]
+                total += module.kernel_size[0] * module.kernel_size[1] * (cin // module.groups) * cout * spatial
+            else:
+                total += cin * cout
+        return count
 
-    def linear_hook(module, inputs, output):
-        nonlocal total
-        total += inputs[0].shape[-1] * output.shape[-1]
-
-    handles = []
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            handles.append(module.register_forward_hook(conv_hook))
-        elif isinstance(module, nn.Linear) or type(module).__name__ == "NormedLinear":
-            handles.append(module.register_forward_hook(linear_hook))
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
+               if isinstance(m, nn.Conv2d) or _is_head(m)]
     was_training = model.training
     model.eval()
     try:
@@ -45,6 +78,12 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int:
             h.remove()
         model.train(was_training)
     return int(total)
+
+
+def cost(model: nn.Module, example: torch.Tensor, masks=None) -> dict:
+    """``{"params", "macs", "flops"}`` (FLOPs = 2 x MACs) of ``model``, or of its compressed form under ``masks``."""
+    macs = count_macs(model, example, masks)
+    return {"params": count_params(model, masks), "macs": macs, "flops": 2 * macs}
 
 
 @torch.no_grad()

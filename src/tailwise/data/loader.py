@@ -170,14 +170,15 @@ class BatchLoader:
         if epoch != self.epoch:
             self.epoch, self.position, self._aug_state = epoch, 0, None
 
-    def _to_float(self, x: torch.Tensor) -> torch.Tensor:
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 images -> normalised float on the loader's device (and memory format)."""
         x = (x.to(self.device, non_blocking=True).float() - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.sampler is None:
             for start in range(0, len(self.labels), self.batch_size):
-                yield (self._to_float(self.images[start:start + self.batch_size]),
+                yield (self.normalize(self.images[start:start + self.batch_size]),
                        self.labels[start:start + self.batch_size].to(self.device))
             return
         indices = self.sampler.epoch_indices(self.epoch)
@@ -190,7 +191,7 @@ class BatchLoader:
             if self.augment is not None:
                 x = self.augment(x, g)
             self.position, self._aug_state = b + 1, g.get_state()
-            yield self._to_float(x), self.labels[idx].to(self.device)
+            yield self.normalize(x), self.labels[idx].to(self.device)
         self.epoch, self.position, self._aug_state = self.epoch + 1, 0, None
 
     def state_dict(self) -> dict:

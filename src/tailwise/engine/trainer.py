@@ -290,6 +290,12 @@ class Trainer:
         test = self.evaluate("test")
         best = self._evaluate_best()
         deployed = self.method.finalize(self.ctx)
+        if deployed is not self.ctx.model:  # report what is deployed: evaluate the finalized model itself
+            trained, self.ctx.model = self.ctx.model, deployed
+            try:
+                test = self.evaluate("test")
+            finally:
+                self.ctx.model = trained
         example = d.train.images[:1].float().to(self.device)
         cost = {"params": count_params(deployed), "macs": count_macs(deployed, example),
                 "params_dense": self.dense_cost["params"], "macs_dense": self.dense_cost["macs"]}

@@ -27,6 +27,10 @@ class Method:
     def __init__(self, options: "Method.Options"):
         self.options = options
 
+    @classmethod
+    def check_options(cls, options: "Method.Options", cfg) -> None:
+        """Validate (and fill in defaults of) ``options`` against the whole config; raise ConfigError."""
+
     def setup(self, ctx) -> None:
         """Called once after the model, optimizer, data and loss exist (and before a resume is loaded)."""
 
@@ -76,8 +80,9 @@ def list_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-def validate_method_config(raw: Any) -> dict:
-    """Validate the ``method`` section against the method's options dataclass; returns the resolved dict."""
+def validate_method_config(raw: Any, cfg=None) -> dict:
+    """Validate the ``method`` section against the method's options dataclass (and, given the rest of the
+    config ``cfg``, the method's own cross-checks); returns the resolved dict."""
     from ..config import build_dataclass
 
     if not isinstance(raw, dict):
@@ -87,6 +92,8 @@ def validate_method_config(raw: Any) -> dict:
     if name not in _METHODS:
         raise ConfigError(f"method.name: {name!r} is not allowed; allowed: {', '.join(list_methods())}")
     options = build_dataclass(_METHODS[name].Options, raw, "method")
+    if cfg is not None:
+        _METHODS[name].check_options(options, cfg)
     return {"name": name, **dataclasses.asdict(options)}
 
 
@@ -96,3 +103,6 @@ def build_method(config: dict) -> Method:
     config = dict(config)
     cls = _METHODS[config.pop("name")]
     return cls(build_dataclass(cls.Options, config, "method"))
+
+
+from . import pruning as _pruning  # noqa: E402,F401  (registers magnitude, taylor, random)

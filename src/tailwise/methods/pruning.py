@@ -1,0 +1,298 @@
+"""Structured channel pruning on a multi-stage schedule: the machinery LTAP and the pruning baselines share.
+
+Schedule: the first stage fires after epoch ``start_epoch`` (epochs counted from 1; the paper prunes from
+epoch 100 of 200), then every ``stage_interval`` epochs, ``stages`` times in all. Stage ``k`` of ``P`` brings
+the retained fraction to ``r_k = 1 - (1 - r) * k / P`` of the chosen budget (``target_sparsity``: fraction of
+channels removed, so ``r = 1 - target_sparsity``; ``target_params`` / ``target_macs``: fraction of the dense
+parameters / MACs kept). Each stage removes the globally lowest-scoring live channels, the fewest that meet
+``r_k`` (a binary search over the mask-aware cost), never the last channel of a group. Removal is immediate
+(``zeroing: hard``) or decayed over ``decay_steps`` optimizer steps (``progressive``). Fine-tuning continues
+to the end of training; ``finalize`` returns the physically compressed model.
+
+Scores are computed by the subclass over the scoring window, the epoch before each stage.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..compress.cost import count_macs, count_params
+from ..compress.groups import channel_groups
+from ..compress.masks import ChannelMasks
+from ..compress.slim import compress
+from ..errors import ConfigError
+from . import Method, register_method
+
+
+@dataclass
+class PruningOptions:
+    target_params: float | None = None  # fraction of dense parameters retained (default 0.3 when no target set)
+    target_macs: float | None = None  # fraction of dense MACs retained
+    target_sparsity: float | None = None  # fraction of channels removed
+    start_epoch: int = 100
+    stages: int = 5
+    stage_interval: int = 10
+    scope: str = "all"  # all | internal (block-internal channels only)
+    zeroing: str = "hard"  # hard | progressive
+    decay_steps: int = 0  # progressive zeroing: optimizer steps per stage (0 = one epoch)
+    normalize: str = "mean"  # baselines: divide each group's scores by their mean (none: raw global ranking)
+
+
+def check_pruning_options(o: PruningOptions, cfg) -> None:
+    """Validate pruning options; with no target given, the paper's default (30% of parameters kept)."""
+    targets = [t for t in (o.target_params, o.target_macs, o.target_sparsity) if t is not None]
+    if len(targets) > 1:
+        raise ConfigError("method: set only one of target_params, target_macs, target_sparsity")
+    if not targets:
+        o.target_params = 0.3
+    for name in ("target_params", "target_macs", "target_sparsity"):
+        value = getattr(o, name)
+        if value is not None and not 0.0 < value < 1.0:
+            raise ConfigError(f"method.{name}: {value} is out of range; must be in (0, 1)")
+    if o.stages < 1 or o.stage_interval < 1 or o.start_epoch < 1 or o.decay_steps < 0:
+        raise ConfigError("method.stages, method.stage_interval, method.start_epoch must be >= 1 (decay_steps >= 0)")
+    for key, allowed in (("scope", ("all", "internal")), ("zeroing", ("hard", "progressive")), ("normalize", ("mean", "none"))):
+        if getattr(o, key) not in allowed:
+            raise ConfigError(f"method.{key}: {getattr(o, key)!r} is not allowed; allowed: {', '.join(allowed)}")
+    last = o.start_epoch + (o.stages - 1) * o.stage_interval
+    if last > cfg.train.epochs:
+        raise ConfigError(f"method: the last pruning stage is after epoch {last} but train.epochs is "
+                          f"{cfg.train.epochs}; lower method.start_epoch, method.stage_interval or method.stages")
+
+
+class StructuredPruning(Method):
+    """Base class: schedule, masks, enforcement, budgeted global selection, compression."""
+
+    Options = PruningOptions
+    wants_gradients = False  # subclasses that score with gradients accumulate in the scoring window
+
+    def __init__(self, options: PruningOptions):
+        super().__init__(options)
+        self.history: list[dict] = []
+
+    @classmethod
+    def check_options(cls, options, cfg) -> None:
+        check_pruning_options(options, cfg)
+
+    # ---------------------------------------------------------------------------------------------- set-up
+    def setup(self, ctx) -> None:
+        self.example = ctx.data.train.images[:1].float().to(ctx.device)
+        self.model = ctx.model
+        self.groups = channel_groups(ctx.model, self.example, self.options.scope)
+        self.masks = ChannelMasks(ctx.model, self.groups)
+        self.generator = torch.Generator().manual_seed(ctx.cfg.run.seed + 7)
+        self.dense = {"params": count_params(ctx.model), "macs": count_macs(ctx.model, self.example)}
+        self.stage_epochs = [self.options.start_epoch + k * self.options.stage_interval for k in range(self.options.stages)]
+
+    def in_scoring_window(self, epoch: int) -> bool:
+        """Epoch ``epoch`` (0-based) is the one right before a stage."""
+        return (epoch + 1) in self.stage_epochs
+
+    # ---------------------------------------------------------------------------------------------- hooks
+    def after_backward(self, ctx) -> None:
+        self.masks.enforce_grads()
+        if self.wants_gradients and self.in_scoring_window(ctx.epoch):
+            self.accumulate(ctx)
+
+    def after_step(self, ctx) -> None:
+        self.masks.step_decay()
+        self.masks.enforce_weights()
+        self.masks.enforce_optimizer(ctx.optimizer)
+
+    def on_epoch_end(self, ctx, epoch: int, val: dict | None) -> dict:
+        record = {}
+        if (epoch + 1) in self.stage_epochs:
+            stage = self.stage_epochs.index(epoch + 1) + 1
+            scores = self.scores(ctx, epoch, val)
+            selection = self.select(scores, stage)
+            steps = self.options.decay_steps or len(ctx.trainer.train_loader)
+            self.masks.prune(selection, steps if self.options.zeroing == "progressive" else 1)
+            self.masks.enforce_optimizer(ctx.optimizer)
+            removed = sum(len(v) for v in selection.values())
+            event = {"stage": stage, "epoch": epoch, "removed_channels": removed}
+            self.history.append(event)
+            record["pruning_stage"] = event
+        record.update(self.cost_record())
+        return record
+
+    def cost_record(self) -> dict:
+        params, macs = count_params(self.model, self.masks), count_macs(self.model, self.example, self.masks)
+        live = self.masks.layer_live()
+        return {"active_params": params, "active_macs": macs,
+                "live_channels": {name: lo[1] for name, lo in live.items() if name in self._producers()}}
+
+    def _producers(self) -> set[str]:
+        return {p for g in self.groups for p in g.producers}
+
+    # ------------------------------------------------------------------------------------------ selection
+    def scores(self, ctx, epoch: int, val: dict | None) -> list[torch.Tensor]:
+        """One score per channel of every group (higher = more important)."""
+        raise NotImplementedError
+
+    def budget(self, stage: int) -> tuple[str, float]:
+        o = self.options
+        if o.target_sparsity is not None:
+            return "channels", 1 - o.target_sparsity * stage / o.stages
+        unit, final = ("params", o.target_params) if o.target_params is not None else ("macs", o.target_macs)
+        return unit, 1 - (1 - final) * stage / o.stages
+
+    def _retained(self, unit: str) -> float:
+        if unit == "channels":
+            return self.masks.num_live() / self.masks.num_channels()
+        if unit == "params":
+            return count_params(self.model, self.masks) / self.dense["params"]
+        return count_macs(self.model, self.example, self.masks) / self.dense["macs"]
+
+    def select(self, scores: list[torch.Tensor], stage: int) -> dict[int, torch.Tensor]:
+        """The fewest globally lowest-scoring live channels whose removal meets this stage's budget."""
+        unit, target = self.budget(stage)
+        group_of, channel_of, values = [], [], []
+        for gi, s in enumerate(scores):
+            alive = self.masks.live(gi).nonzero().flatten()
+            if len(alive) <= 1:
+                continue
+            best = alive[s[alive].argmax()]
+            candidates = alive[alive != best]  # the best channel of every group always survives
+            group_of.append(torch.full((len(candidates),), gi))
+            channel_of.append(candidates)
+            values.append(s[candidates].double())
+        if not values:
+            return {}
+        group_of, channel_of, values = torch.cat(group_of), torch.cat(channel_of), torch.cat(values)
+        order = torch.argsort(values, stable=True)
+
+        def selection(k: int) -> dict[int, torch.Tensor]:
+            chosen = order[:k]
+            return {int(g): channel_of[chosen][group_of[chosen] == g] for g in group_of[chosen].unique()}
+
+        def retained_after(k: int) -> float:
+            saved = [keep.clone() for keep in self.masks.keep]
+            for gi, ch in selection(k).items():
+                self.masks.keep[gi][ch] = False
+            value = self._retained(unit)
+            self.masks.keep = saved
+            return value
+
+        if unit == "channels":
+            k = max(0, math.ceil(self.masks.num_live() - target * self.masks.num_channels() - 1e-9))
+            return selection(min(k, len(order)))
+        lo, hi = 0, len(order)
+        if retained_after(hi) > target:
+            return selection(hi)  # the budget is not reachable: prune everything allowed
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if retained_after(mid) <= target:
+                hi = mid
+            else:
+                lo = mid + 1
+        return selection(lo)
+
+    def normalized(self, raw: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.options.normalize == "none":
+            return raw
+        return [r / r.mean().clamp_min(1e-12) for r in raw]
+
+    # -------------------------------------------------------------------------------------------- results
+    def finalize(self, ctx):
+        for d in self.masks.decays:  # training ended inside a decay: finish it at once
+            self.masks.keep[d.group][d.channels] = False
+        self.masks.decays = []
+        self.masks.enforce_weights()
+        batch = ctx.data.val if ctx.data.val is not None else ctx.data.test
+        real = ctx.trainer.train_loader.normalize(batch.images[:64])
+        return compress(ctx.model, self.masks, self.example, [real])
+
+    def describe(self) -> dict:
+        return {**super().describe(), "stage_epochs": self.stage_epochs, "history": self.history,
+                "channels": self.masks.num_channels(), "live_channels": self.masks.num_live()}
+
+    def state_dict(self) -> dict:
+        return {"masks": self.masks.state_dict(), "history": list(self.history),
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.masks.load_state_dict(state["masks"])
+        self.history = list(state["history"])
+        self.generator.set_state(state["generator"])
+
+
+# -------------------------------------------------------------------------------------------------- baselines
+def per_channel_sums(groups, model, values) -> list[torch.Tensor]:
+    """For each group, ``sum over its slices`` of ``values(tensor)`` reduced over all but the channel dim.
+
+    ``values`` maps a member tensor to an elementwise tensor of its shape (e.g. ``w**2`` or ``w * w.grad``).
+    Each (tensor, dim) is reduced once.
+    """
+    reduced: dict[tuple[int, int], torch.Tensor] = {}
+    out = []
+    for g in groups:
+        total = torch.zeros(g.size, dtype=torch.float64)
+        for s in g.slices:
+            tensor = getattr(model.get_submodule(s.module_name), s.tensor_name)
+            key = (id(tensor), s.dim)
+            if key not in reduced:
+                v = values(tensor)
+                dims = [d for d in range(v.dim()) if d != s.dim]
+                reduced[key] = (v.sum(dim=dims) if dims else v).detach().double().cpu()
+            total += reduced[key][s.index]
+        out.append(total)
+    return out
+
+
+@register_method
+class MagnitudePruning(StructuredPruning):
+    """Global structured magnitude pruning: channel score = L2 norm of all its group members' weights."""
+
+    name = "magnitude"
+
+    @dataclass
+    class Options(PruningOptions):
+        pass
+
+    def scores(self, ctx, epoch, val):
+        return self.normalized([s.sqrt() for s in per_channel_sums(self.groups, ctx.model, lambda t: t * t)])
+
+
+@register_method
+class TaylorPruning(StructuredPruning):
+    """First-order Taylor (Molchanov et al. 2019): channel score = sum over the scoring window's steps of
+    ``|<w_c, g_c>|`` over all its group members' weights (the loss change when the channel is removed)."""
+
+    name = "taylor"
+    wants_gradients = True
+
+    @dataclass
+    class Options(PruningOptions):
+        pass
+
+    def accumulate(self, ctx) -> None:
+        terms = per_channel_sums(self.groups, ctx.model,
+                                 lambda t: t * t.grad if t.grad is not None else torch.zeros_like(t))
+        self.window = [a + t.abs() for a, t in zip(self.window, terms)] if getattr(self, "window", None) else [t.abs() for t in terms]
+
+    def scores(self, ctx, epoch, val):
+        scores, self.window = self.normalized(self.window), None
+        return scores
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "window": getattr(self, "window", None)}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.window = state["window"]
+
+
+@register_method
+class RandomPruning(StructuredPruning):
+    """Random structured pruning (uniform scores from the run seed): the floor any criterion must beat."""
+
+    name = "random"
+
+    @dataclass
+    class Options(PruningOptions):
+        pass
+
+    def scores(self, ctx, epoch, val):
+        return [torch.rand(g.size, generator=self.generator, dtype=torch.float64) for g in self.groups]

@@ -5,6 +5,8 @@
     tailwise eval RUN_DIR [--json]
     tailwise data inspect [RECIPE.yaml] [key=value ...] [--json]
     tailwise recipes
+    tailwise export RUN_DIR --onnx
+    tailwise bench-latency RUN_DIR [--batch 1 128]
 
 User errors (bad config, missing or corrupt data, NaN loss) print one message and exit with code 2.
 """
@@ -88,6 +90,32 @@ def cmd_eval(ns) -> int:
     return 0
 
 
+def cmd_export(ns) -> int:
+    from .export import export_onnx
+
+    if not ns.onnx:
+        raise TailwiseError("choose an export format: --onnx")
+    report = export_onnx(ns.run_dir, ns.out)
+    check = (f"checked against onnxruntime (max abs diff {report['max_abs_diff']:.2e})" if report["checked"]
+             else "not checked: onnxruntime is not installed")
+    print(f"wrote {report['path']}; {check}")
+    return 0
+
+
+def cmd_bench_latency(ns) -> int:
+    from .compress.cost import latency_report
+
+    report = latency_report(Path(ns.run_dir), ns.batch, ns.repeats)
+    if ns.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"latency on {report['machine']} ({report['threads']} threads), median of {ns.repeats} runs, ms per batch")
+    print(f"{'batch':>6s} {'dense':>10s} {'deployed':>10s} {'speed-up':>9s}")
+    for row in report["rows"]:
+        print(f"{row['batch']:>6d} {row['dense_ms']:>10.2f} {row['deployed_ms']:>10.2f} {row['speedup']:>8.2f}x")
+    return 0
+
+
 def cmd_data_inspect(ns) -> int:
     from .config import load_config
     from .data.dataset import build_data
@@ -138,6 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true", help="print the accuracy block as JSON")
     p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("export", help="export a run's deployed model (ONNX, checked against onnxruntime)")
+    p.add_argument("run_dir")
+    p.add_argument("--onnx", action="store_true", help="write model/model.onnx")
+    p.add_argument("--out", help="output file (default RUN_DIR/model/model.onnx)")
+    p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("bench-latency", help="dense vs deployed (compressed) model latency on this machine")
+    p.add_argument("run_dir")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 128])
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_bench_latency)
     p = sub.add_parser("data", help="dataset tools")
     dsub = p.add_subparsers(dest="data_command", required=True)
     q = dsub.add_parser("inspect", help="class counts, shot groups and index_sha256 of a recipe's data")

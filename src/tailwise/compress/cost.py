@@ -101,3 +101,27 @@ def measure_latency(model: nn.Module, example: torch.Tensor, repeats: int = 20, 
             times.append((time.perf_counter() - start) * 1000)
     model.train(was_training)
     return sorted(times)[len(times) // 2]
+
+
+def latency_report(run_dir, batches=(1, 128), repeats: int = 20) -> dict:
+    """Median latency of the dense architecture (freshly built) vs the run's deployed model, same process,
+    interleaved per batch size."""
+    import platform
+
+    from ..deploy import load_model
+    from ..models import build_model
+
+    deployed = load_model(run_dir)
+    dense = build_model(**deployed.arch).eval()
+    shape = deployed.preprocess["input_shape"]
+    rows = []
+    for b in batches:
+        x = torch.randn(b, *shape)
+        dense_ms = measure_latency(dense, x, repeats)
+        deployed_ms = measure_latency(deployed, x, repeats)
+        rows.append({"batch": b, "dense_ms": round(dense_ms, 3), "deployed_ms": round(deployed_ms, 3),
+                     "speedup": round(dense_ms / deployed_ms, 3)})
+    return {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "threads": torch.get_num_threads(),
+            "params": count_params(deployed), "params_dense": count_params(dense),
+            "macs": count_macs(deployed, torch.zeros(1, *shape)), "macs_dense": count_macs(dense, torch.zeros(1, *shape)),
+            "rows": rows}

@@ -25,10 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import gc
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -41,10 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from common import DEFAULT_DATA, DOCS, log, machine_lines, timed, write_section  # noqa: E402
 from tailwise.config import load_config  # noqa: E402
 from tailwise.errors import ConfigError  # noqa: E402
 from tailwise.data.loader import _generator, random_crop, random_flip  # noqa: E402
@@ -52,56 +49,8 @@ from tailwise.engine.trainer import Trainer  # noqa: E402
 from tailwise.models import build_model  # noqa: E402
 
 SECTION = "## Framework overhead: tailwise run vs a hand-written loop"
-DOCS = ROOT / "docs" / "benchmarks.md"
-DOCS_INTRO = ("# Benchmarks\n\nMeasured performance of tailwise; each section is written by the script named in it "
-              "(`--write-docs`).\n")
 RECIPE = "cifar10_lt_ir100_resnet32_ce"
-DEFAULT_DATA = "/work/shared/data/cifar10-jpg.tar.gz"
 MAX_RATIO = 1.10
-
-
-def log(msg: str) -> None:
-    print(f"[bench_overhead {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def timed(fn) -> tuple[float, object]:
-    gc.collect()
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
-
-
-def machine_lines(threads: int) -> list[str]:
-    import torchvision
-
-    load = os.getloadavg()
-    return [
-        f"- Machine: `{platform.platform()}`, {platform.machine()}, `os.cpu_count()` = {os.cpu_count()}, "
-        f"torch threads = {threads}",
-        f"- Versions: Python {platform.python_version()}, torch {torch.__version__}, torchvision "
-        f"{torchvision.__version__}, numpy {np.__version__}",
-        f"- Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
-        f"- Load average at the start (1/5/15 min): {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}",
-    ]
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) the ``## `` section whose heading is the first line of ``section``."""
-    heading = section.splitlines()[0].strip()
-    text = path.read_text() if path.exists() else DOCS_INTRO
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == heading), None)
-    if start is None:
-        body = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        before = "\n".join(lines[:start]).rstrip("\n")
-        after = "\n".join(lines[end:]).strip("\n")
-        body = (before + "\n\n" if before else "") + section.rstrip("\n") + "\n" + ("\n" + after + "\n" if after else "")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(body)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------ hand loop

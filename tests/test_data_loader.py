@@ -321,3 +321,34 @@ def test_set_epoch_restarts_and_is_deterministic():
     c = _make_loader(images, labels)
     c.set_epoch(4)
     assert not torch.equal(torch.cat([x for x, _ in c]), xa)
+
+
+@pytest.mark.parametrize("policy", ["randaugment", "autoaugment"])
+def test_policy_augmentation_is_seeded_and_changes_images(policy):
+    from tailwise.data.loader import Augment, BatchLoader, Sampler
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (24, 3, 16, 16), dtype=torch.uint8, generator=g)
+    labels = torch.arange(24) % 3
+
+    def batches():
+        loader = BatchLoader(images, labels, 8, [0.5] * 3, [0.25] * 3, sampler=Sampler(labels, "instance", seed=5),
+                             augment=Augment(crop_padding=0, flip=False, policy=policy))
+        return [x for x, _ in loader]
+
+    first, second = batches(), batches()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    plain = BatchLoader(images, labels, 8, [0.5] * 3, [0.25] * 3, sampler=Sampler(labels, "instance", seed=5),
+                        augment=Augment(crop_padding=0, flip=False))
+    assert any(not torch.equal(a, b) for a, (b, _) in zip(first, plain))
+
+
+def test_channel_stats_match_a_float_computation():
+    from tailwise.engine.trainer import channel_stats
+
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8, generator=g)
+    mean, std = channel_stats(images, chunk=7)
+    x = images.double() / 255
+    assert torch.allclose(torch.tensor(mean, dtype=torch.float64), x.mean(dim=(0, 2, 3)), atol=1e-12)
+    assert torch.allclose(torch.tensor(std, dtype=torch.float64), x.std(dim=(0, 2, 3), unbiased=False), atol=1e-9)

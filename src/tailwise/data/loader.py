@@ -120,7 +120,8 @@ def cutout(x: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
 
 
 class Augment:
-    """Batched training augmentation on uint8 images: policy (per sample) -> crop -> flip -> cutout."""
+    """Batched training augmentation on uint8 images: policy (per sample, ``apply_policy``) -> crop -> flip ->
+    cutout (``__call__``)."""
 
     def __init__(self, crop_padding: int = 4, flip: bool = True, cutout: int = 0, policy: str = "none"):
         if policy not in POLICIES:
@@ -131,12 +132,15 @@ class Augment:
             from torchvision.transforms import v2
             self._policy = v2.RandAugment() if policy == "randaugment" else v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
 
+    def apply_policy(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """RandAugment / AutoAugment, one image at a time (torchvision), on a CPU uint8 batch."""
+        # torchvision draws from the global RNG: fork it, seeded from our generator, to stay reproducible
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
+            return torch.stack([self._policy(img) for img in x])
+
     def __call__(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        if self._policy is not None:
-            # torchvision draws from the global RNG: fork it, seeded from our generator, to stay reproducible
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
-                x = torch.stack([self._policy(img) for img in x.cpu()]).to(x.device)
+        """Crop, flip and Cutout of a uint8 batch on any device (the policy is applied before, on the CPU)."""
         x = random_crop(x, self.crop_padding, g)
         if self.flip:
             x = random_flip(x, g)
@@ -157,10 +161,14 @@ class BatchLoader:
         self.images, self.labels = images, labels
         self.batch_size, self.sampler, self.augment = batch_size, sampler, augment
         self.device, self.drop_last, self.channels_last = torch.device(device), drop_last, channels_last
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1) * 255
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1) * 255
+        self.set_normalization(mean, std)
         self.epoch, self.position = 0, 0
         self._aug_state: torch.Tensor | None = None
+
+    def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Per-channel mean / std in [0, 1]: batches are ``(x / 255 - mean) / std``."""
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1) * 255
 
     def __len__(self) -> int:
         n = len(self.sampler) if self.sampler is not None else len(self.labels)
@@ -187,7 +195,10 @@ class BatchLoader:
             g.set_state(self._aug_state)
         for b in range(self.position, len(self)):
             idx = indices[b * self.batch_size:(b + 1) * self.batch_size]
-            x = self.images[idx].to(self.device, non_blocking=True)
+            x = self.images[idx]
+            if self.augment is not None and self.augment.policy != "none":
+                x = self.augment.apply_policy(x, g)  # per-image torchvision policy: on the CPU uint8 batch
+            x = x.to(self.device, non_blocking=True)
             if self.augment is not None:
                 x = self.augment(x, g)
             self.position, self._aug_state = b + 1, g.get_state()

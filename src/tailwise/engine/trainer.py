@@ -75,6 +75,21 @@ class TrainContext:
         return self.trainer.evaluate(split)
 
 
+def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation in [0, 1] of uint8 ``N x C x H x W`` images, accumulated in
+    float64 over chunks (no full float copy of the dataset)."""
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for start in range(0, len(images), chunk):
+        x = images[start:start + chunk].double()
+        total += x.sum(dim=(0, 2, 3))
+        squares += (x * x).sum(dim=(0, 2, 3))
+    n = images.numel() / images.shape[1]
+    mean = total / n
+    std = (squares / n - mean * mean).clamp_min(0).sqrt()
+    return (mean / 255).tolist(), (std / 255).tolist()
+
+
 def _pick_device(setting: str) -> torch.device:
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -107,8 +122,8 @@ class Trainer:
         self.model = build_model(cfg.model.name, d.num_classes, normed_head=normed).to(self.device)
         if t.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.mean = cfg.data.mean or (d.train.images.float().mean(dim=(0, 2, 3)) / 255).tolist()
-        self.std = cfg.data.std or (d.train.images.float().std(dim=(0, 2, 3)) / 255).tolist()
+        mean, std = channel_stats(d.train.images)
+        self.mean, self.std = cfg.data.mean or mean, cfg.data.std or std
         self.optimizer = self.make_optimizer(self.model)
         self.schedule = LRSchedule.from_config(t)
         self.scaler = torch.amp.GradScaler("cuda", enabled=t.amp and self.device.type == "cuda")
@@ -151,7 +166,8 @@ class Trainer:
         return {"model": self.ctx.model.state_dict(), "optimizer": self.ctx.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": epoch, "loader": self.train_loader.state_dict(),
                 "rng": rng_state(), "method": self.method.state_dict(), "best": self.best,
-                "elapsed": self.elapsed, "epoch_stats": dict(self.epoch_stats), "step": self.ctx.step}
+                "elapsed": self.elapsed, "epoch_stats": dict(self.epoch_stats), "step": self.ctx.step,
+                "normalization": {"mean": list(self.mean), "std": list(self.std)}}
 
     def save(self, epoch: int) -> None:
         save_checkpoint(self.out / "checkpoints" / "last.pt", self._state(epoch))
@@ -172,6 +188,9 @@ class Trainer:
         set_rng_state(state["rng"])
         self.start_epoch, self.best, self.elapsed = state["epoch"], state["best"], state["elapsed"]
         self.epoch_stats, self.ctx.step = state["epoch_stats"], state["step"]
+        if "normalization" in state:  # the statistics the run started with, whatever this version computes
+            self.mean, self.std = state["normalization"]["mean"], state["normalization"]["std"]
+            self.train_loader.set_normalization(self.mean, self.std)
         self.metrics.truncate_after(self.start_epoch)
         self.log(f"resumed {self.out} at epoch {self.start_epoch}"
                  + (f", batch {self.train_loader.position}" if self.train_loader.position else ""))

@@ -247,10 +247,6 @@ class MagnitudePruning(StructuredPruning):
 
     name = "magnitude"
 
-    @dataclass
-    class Options(PruningOptions):
-        pass
-
     def scores(self, ctx, epoch, val):
         return self.normalized([s.sqrt() for s in per_channel_sums(self.groups, ctx.model, lambda t: t * t)])
 
@@ -262,10 +258,6 @@ class TaylorPruning(StructuredPruning):
 
     name = "taylor"
     wants_gradients = True
-
-    @dataclass
-    class Options(PruningOptions):
-        pass
 
     def accumulate(self, ctx) -> None:
         terms = per_channel_sums(self.groups, ctx.model,
@@ -289,10 +281,6 @@ class RandomPruning(StructuredPruning):
     """Random structured pruning (uniform scores from the run seed): the floor any criterion must beat."""
 
     name = "random"
-
-    @dataclass
-    class Options(PruningOptions):
-        pass
 
     def scores(self, ctx, epoch, val):
         return [torch.rand(g.size, generator=self.generator, dtype=torch.float64) for g in self.groups]

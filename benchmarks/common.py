@@ -1,0 +1,63 @@
+"""Shared helpers of the benchmark scripts: timing, machine description, docs/benchmarks.md sections."""
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs" / "benchmarks.md"
+DOCS_INTRO = ("# Benchmarks\n\nMeasured performance of tailwise; each section is written by the script named in it "
+              "(`--write-docs`).\n")
+DEFAULT_DATA = str(ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz")
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def timed(fn) -> tuple[float, object]:
+    gc.collect()
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def machine_lines(threads: int) -> list[str]:
+    import torchvision
+
+    load = os.getloadavg()
+    return [
+        f"- Machine: `{platform.platform()}`, {platform.machine()}, `os.cpu_count()` = {os.cpu_count()}, "
+        f"torch threads = {threads}",
+        f"- Versions: Python {platform.python_version()}, torch {torch.__version__}, torchvision "
+        f"{torchvision.__version__}, numpy {np.__version__}",
+        f"- Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
+        f"- Load average at the start (1/5/15 min): {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}",
+    ]
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace (or append) the ``## `` section whose heading is the first line of ``section``."""
+    heading = section.splitlines()[0].strip()
+    text = path.read_text() if path.exists() else DOCS_INTRO
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == heading), None)
+    if start is None:
+        body = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        before = "\n".join(lines[:start]).rstrip("\n")
+        after = "\n".join(lines[end:]).strip("\n")
+        body = (before + "\n\n" if before else "") + section.rstrip("\n") + "\n" + ("\n" + after + "\n" if after else "")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(body)
+    os.replace(tmp, path)

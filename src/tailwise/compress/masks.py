@@ -170,6 +170,8 @@ class ChannelMasks:
     def load_state_dict(self, state: dict) -> None:
         if state["groups"] != [g.name for g in self.groups]:
             raise ValueError("checkpoint masks were saved for different channel groups")
-        self.keep = [k.clone().bool() for k in state["keep"]]
-        self.decays = [_Decay(int(g), c.long(), int(s), int(d)) for g, c, s, d in state["decays"]]
+        # masks live on the CPU (they index the CPU ``Slice.index`` maps), whatever ``map_location`` loaded them to
+        self.keep = [k.detach().to("cpu", torch.bool, copy=True) for k in state["keep"]]
+        self.decays = [_Decay(int(g), c.detach().to("cpu", torch.long, copy=True), int(s), int(d))
+                       for g, c, s, d in state["decays"]]
         self._pairs = None

@@ -176,7 +176,7 @@ class Trainer:
         path = self.out / "checkpoints" / "last.pt"
         if not path.is_file():
             raise TrainingError(f"cannot resume: {path} does not exist (the run never finished an epoch)")
-        state = load_checkpoint(path, self.device)
+        state = load_checkpoint(path, "cpu")  # RNG states must stay on the CPU; load_state_dict moves the rest
         _resize_to(self.ctx.model, state["model"])
         self.ctx.model.to(self.device)
         self.method.load_state_dict(state["method"])
@@ -291,7 +291,7 @@ class Trainer:
     def _evaluate_best(self) -> dict | None:
         if self.best is None:
             return None
-        best = load_checkpoint(self.out / "checkpoints" / "best.pt", self.device)
+        best = load_checkpoint(self.out / "checkpoints" / "best.pt", "cpu")
         current_model, current_method = self.ctx.model, self.method.state_dict()
         model = copy.deepcopy(current_model)
         _resize_to(model, best["model"])

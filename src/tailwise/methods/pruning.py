@@ -215,7 +215,7 @@ class StructuredPruning(Method):
     def load_state_dict(self, state: dict) -> None:
         self.masks.load_state_dict(state["masks"])
         self.history = list(state["history"])
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].cpu())  # a CPU generator; checkpoints load to the run's device
 
 
 # -------------------------------------------------------------------------------------------------- baselines
@@ -273,7 +273,7 @@ class TaylorPruning(StructuredPruning):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.window = state["window"]
+        self.window = [w.cpu() for w in state["window"]] if state["window"] is not None else None  # as accumulate makes it
 
 
 @register_method

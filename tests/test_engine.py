@@ -168,3 +168,13 @@ def test_rebuild_optimizer_keeps_surviving_state_and_carries_new(tmp_path):
     assert torch.equal(ctx.optimizer.state[new_weight]["momentum_buffer"], carried["momentum_buffer"])
     assert old_weight not in ctx.optimizer.state
     assert sum(len(g["params"]) for g in ctx.optimizer.param_groups) == len(list(ctx.model.parameters()))
+
+
+def test_amp_on_cpu_trains_with_bfloat16_autocast(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=1, amp=True)
+    dtypes = []
+    handle = trainer.ctx.model.conv1.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    result = trainer.fit()
+    handle.remove()
+    assert torch.bfloat16 in dtypes  # the forward ran under autocast
+    assert math.isfinite(trainer.metrics.records()[0]["train_loss"]) and result["accuracy"]["all"] is not None

@@ -106,3 +106,4 @@ def build_method(config: dict) -> Method:
 
 
 from . import pruning as _pruning  # noqa: E402,F401  (registers magnitude, taylor, random)
+from . import ltap as _ltap  # noqa: E402,F401  (registers ltap)

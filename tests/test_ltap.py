@@ -1,0 +1,486 @@
+"""LTAP: the five criteria against hand computations, LT-Vote on scripted accuracy sequences (with guards against
+the public code's three defects), options, recipes, and tiny end-to-end runs (target reached, alpha logged,
+compressed model written, ablations run, exact resume across a stage)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from tailwise.compress.groups import channel_groups
+from tailwise.config import config_from_dict, load_config
+from tailwise.deploy import load_model
+from tailwise.engine.trainer import Interrupted, Trainer, prepare_run_dir
+from tailwise.errors import ConfigError
+from tailwise.methods.ltap import (CRITERIA, PUBLIC_CODE_WEIGHTS, ChannelLayout, CriteriaAccumulator, LTVote,
+                                   class_weights, mix, normalise)
+from tailwise.methods.pruning import per_channel_sums
+from tailwise.recipes import list_recipes
+
+from test_engine import stop_after, tiny_config
+
+
+# ------------------------------------------------------------------------------------------------ criteria
+class Tiny(nn.Module):
+    """conv1 (2->3, 1x1) -> BN -> ReLU -> conv2 (3->2, 1x1) -> global mean -> fc (2->2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 3, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(3)
+        self.conv2 = nn.Conv2d(3, 2, 1, bias=False)
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv2(torch.relu(self.bn1(self.conv1(x)))).mean((2, 3)))
+
+
+def vec(values: dict, group: str, c: int) -> list[float]:
+    """The hand-written channel vector: every member slice of channel ``c``, as plain floats."""
+    if group == "conv1":  # conv1 filter c, BN gamma/beta c, conv2's input column c
+        parts = [values["conv1.weight"][c].flatten(), values["bn1.weight"][c:c + 1], values["bn1.bias"][c:c + 1],
+                 values["conv2.weight"][:, c].flatten()]
+    else:  # conv2 filter c, fc's input column c
+        parts = [values["conv2.weight"][c].flatten(), values["fc.weight"][:, c]]
+    return [float(v) for p in parts for v in p]
+
+
+def dot(a, b):
+    return sum(x * y for x, y in zip(a, b))
+
+
+def norm(a):
+    return math.sqrt(dot(a, a))
+
+
+NAMES = ("conv1.weight", "bn1.weight", "bn1.bias", "conv2.weight", "fc.weight")
+CHANNELS = [("conv1", c) for c in range(3)] + [("conv2", c) for c in range(2)]
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    model = Tiny()
+    groups = channel_groups(model, torch.randn(1, 2, 4, 4))
+    assert [g.name for g in groups] == ["conv1", "conv2"] and [g.size for g in groups] == [3, 2]
+    return model, groups
+
+
+def set_state(model, weights: dict, grads: dict) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in NAMES:
+            params[name].copy_(weights[name])
+            params[name].grad = grads[name].clone()
+
+
+def random_like(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters() if n in NAMES}
+
+
+@pytest.mark.parametrize("second_order", ["fisher", "public-code"])
+def test_criteria_match_hand_computation(tiny, second_order):
+    model, groups = tiny
+    layout = ChannelLayout(model, groups)
+    acc = CriteriaAccumulator(layout, list(CRITERIA), second_order)
+    steps = [(random_like(model, 1), random_like(model, 2)), (random_like(model, 3), random_like(model, 4))]
+    for w, g in steps:
+        set_state(model, w, g)
+        assert acc.accumulate(model)
+    final = random_like(model, 5)  # the weights at the end of the window (magnitudes and Fisher use these)
+    set_state(model, final, final)
+    keep = [torch.ones(3, dtype=torch.bool), torch.ones(2, dtype=torch.bool)]
+    got = acc.compute(model, keep)
+    for i, (group, c) in enumerate(CHANNELS):
+        w_end = vec(final, group, c)
+        n = 6 if group == "conv1" else 5
+        ws, gs = [vec(w, group, c) for w, _ in steps], [vec(g, group, c) for _, g in steps]
+        expected = {
+            "magnitude": norm(w_end),
+            "avg_magnitude": norm(w_end) / n,
+            "cosine_similarity": 1 + sum(dot(w, g) / (norm(w) * norm(g)) for w, g in zip(ws, gs)) / 2,
+            "taylor_first_order": sum(abs(dot(w, g)) for w, g in zip(ws, gs)) / 2,
+        }
+        if second_order == "fisher":
+            fisher = [(a * a + b * b) / 2 for a, b in zip(*gs)]
+            expected["taylor_second_order"] = 0.5 * sum(h * x * x for h, x in zip(fisher, w_end))
+        else:
+            expected["taylor_second_order"] = sum(0.5 * dot(w, g) ** 2 for w, g in zip(ws, gs)) / 2
+        for name, value in expected.items():
+            assert math.isclose(float(got[name][i]), value, rel_tol=1e-5), (name, group, c)
+
+
+def test_avg_magnitude_counts_live_elements_only(tiny):
+    model, groups = tiny
+    layout = ChannelLayout(model, groups)
+    acc = CriteriaAccumulator(layout, ["magnitude", "avg_magnitude"])
+    keep = [torch.tensor([True, False, True]), torch.tensor([True, False])]  # conv1 ch 1 and conv2 ch 1 pruned
+    got = acc.compute(model, keep)
+    # conv1 ch c: its 2 filter weights (conv1's inputs are not governed), gamma, beta, conv2[:, c] of the 1 live row
+    # conv2 ch c: 3 filter weights of which 2 read live conv1 channels, + 2 fc weights
+    counts = torch.tensor([5, 0, 5, 4, 0], dtype=torch.float64)  # pruned channels own no live element
+    assert torch.equal(layout.live_elements(model, keep), counts)
+    live = counts > 0
+    assert torch.allclose(got["avg_magnitude"][live], got["magnitude"][live] / counts[live])
+
+
+def test_zero_gradient_gives_zero_cosine_and_taylor(tiny):
+    model, groups = tiny
+    acc = CriteriaAccumulator(ChannelLayout(model, groups), ["cosine_similarity", "taylor_first_order"])
+    w = random_like(model, 1)
+    set_state(model, w, {k: torch.zeros_like(v) for k, v in w.items()})
+    acc.accumulate(model)
+    got = acc.compute(model, [torch.ones(3, dtype=torch.bool), torch.ones(2, dtype=torch.bool)])
+    assert torch.equal(got["cosine_similarity"], torch.ones(5, dtype=torch.float64))
+    assert torch.equal(got["taylor_first_order"], torch.zeros(5, dtype=torch.float64))
+
+
+def test_layout_matches_shared_helper_on_residual_groups():
+    """On a ResNet (channels tied by residual additions), the flat layout's per-channel sums equal the shared
+    ``per_channel_sums`` helper group by group."""
+    from tailwise.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet20", 4)
+    groups = channel_groups(model, torch.randn(1, 3, 16, 16))
+    layout = ChannelLayout(model, groups)
+    flat = layout.reduce([torch.stack([t.detach() ** 2]) for t in layout.tensors(model)])[0]
+    expected = per_channel_sums(groups, model, lambda t: t.detach() ** 2)
+    for got, want in zip(layout.split(flat), expected):
+        assert torch.allclose(got, want, rtol=1e-6)
+
+
+def test_normalise_and_mix_by_hand():
+    live = torch.tensor([True, True, False, True])
+    values = torch.tensor([3.0, 4.0, 100.0, 0.0], dtype=torch.float64)
+    assert torch.allclose(normalise(values, live, "l2"), torch.tensor([0.6, 0.8, 0.0, 0.0], dtype=torch.float64))
+    assert torch.allclose(normalise(values, live, "mean"), torch.tensor([9 / 7, 12 / 7, 0.0, 0.0], dtype=torch.float64))
+    assert torch.allclose(normalise(values, live, "max"), torch.tensor([0.75, 1.0, 0.0, 0.0], dtype=torch.float64))
+    # group-mean: each group (offset, size) by its own live mean
+    got = normalise(values, live, "group-mean", [(0, 2), (2, 2)])
+    assert torch.allclose(got, torch.tensor([3 / 3.5, 4 / 3.5, 0.0, 0.0], dtype=torch.float64))  # group 2: mean 0
+    got = normalise(torch.tensor([1.0, 3.0, 5.0, 2.0]), torch.ones(4, dtype=torch.bool), "group-mean", [(0, 1), (1, 3)])
+    assert torch.allclose(got, torch.tensor([1.0, 0.9, 1.5, 0.6], dtype=torch.float64))
+    a, b = torch.tensor([1.0, 2.0], dtype=torch.float64), torch.tensor([4.0, 0.5], dtype=torch.float64)
+    mixed = mix({"magnitude": a, "cosine_similarity": b, "avg_magnitude": 100 * a},
+                {"magnitude": 0.25, "cosine_similarity": 0.75, "avg_magnitude": 0.0})
+    assert torch.allclose(mixed, torch.tensor([0.25 + 3.0, 0.5 + 0.375], dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------------- vote
+def test_class_weights_by_hand():
+    counts = [100, 10, 1]
+    raw = [(100 / n) / math.log(1 + n) for n in counts]
+    assert torch.allclose(class_weights(counts, "tail"), torch.tensor([r / sum(raw) for r in raw], dtype=torch.float64))
+    f64 = dict(dtype=torch.float64)
+    assert torch.allclose(class_weights(counts, "counts"), torch.tensor([100 / 111, 10 / 111, 1 / 111], **f64))
+    inverse = [1 / n for n in counts]  # 0.01, 0.1, 1
+    assert torch.allclose(class_weights(counts, "inverse"), torch.tensor([v / sum(inverse) for v in inverse], **f64))
+    assert torch.allclose(class_weights(counts, "uniform"), torch.full((3,), 1 / 3, dtype=torch.float64))
+    w = class_weights(counts, "tail")
+    assert w[2] > w[1] > w[0]  # tail-biased
+
+
+def hand_alpha(D, w, rounds, tau, suppressed):
+    """softmax(D w / rounds / tau) with ``suppressed``'s weight moved uniformly to the others."""
+    K = len(D)
+    logits = [sum(D[k][c] * w[c] for c in range(len(w))) / max(rounds, 1) / tau for k in range(K)]
+    exp = [math.exp(v) for v in logits]
+    base = [e / sum(exp) for e in exp]
+    out = [b + base[suppressed] / (K - 1) for b in base]
+    out[suppressed] = 0.0
+    return base, out
+
+
+ACCURACIES = [  # per-class validation accuracy (percent) after each round; None: no validation sample
+    [50.0, 40.0, 10.0],
+    [60.0, 40.0, 0.0],  # class 0 improved
+    [60.0, 45.0, 30.0],  # classes 1, 2 improved
+    [55.0, 50.0, None],  # class 1 improved; class 2 has no samples: no vote
+    [70.0, 50.0, 40.0],  # class 0, and class 2 against its last known accuracy (30)
+]
+
+
+def test_vote_rounds_by_hand():
+    counts = [100, 10, 1]
+    w = class_weights(counts, "tail").tolist()
+    vote = LTVote(CRITERIA, torch.tensor(w, dtype=torch.float64), tau=0.5, seed=5)
+    K = len(CRITERIA)
+    D = [[0.0] * 3 for _ in range(K)]
+    # round 0: uniform weights with one criterion suppressed
+    _, expected = hand_alpha(D, w, 0, 0.5, vote.suppressed)
+    assert torch.allclose(vote.alpha, torch.tensor(expected, dtype=torch.float64))
+    assert math.isclose(expected[(vote.suppressed + 1) % K], 0.25)
+    assert vote.observe(ACCURACIES[0]) is None and vote.rounds == 0  # the reference only
+    improved_sets = [{0}, {1, 2}, {1}, {0, 2}]
+    alphas = [vote.alpha.clone()]
+    for r, (accuracy, improved) in enumerate(zip(ACCURACIES[1:], improved_sets), start=1):
+        suppressed_before = vote.suppressed
+        before = vote.D.clone()
+        record = vote.observe(accuracy)
+        for k in range(K):
+            for c in improved:
+                if k != suppressed_before:  # only the criteria active in the round vote
+                    D[k][c] += 1
+        assert torch.equal(vote.D, torch.tensor(D, dtype=torch.float64)), r
+        assert not torch.equal(vote.D, before)  # defect (b): the update really lands in D
+        assert record["round"] == r and record["improved_classes"] == len(improved)
+        assert record["suppressed_used"] == CRITERIA[suppressed_before]
+        assert record["votes"][CRITERIA[suppressed_before]] == 0.0
+        base, expected = hand_alpha(D, w, r, 0.5, vote.suppressed)
+        assert torch.allclose(vote.base_alpha(), torch.tensor(base, dtype=torch.float64))  # hand softmax, tau 0.5
+        assert torch.allclose(vote.alpha, torch.tensor(expected, dtype=torch.float64))
+        assert math.isclose(float(vote.alpha.sum()), 1.0) and float(vote.alpha[vote.suppressed]) == 0.0
+        alphas.append(vote.alpha.clone())
+    assert len({tuple(a.tolist()) for a in alphas}) > 2  # alpha changes across rounds
+    assert len(set(vote.base_alpha().tolist())) > 1  # defect (a): the softmax is not over a size-1 dimension
+
+
+def test_votes_are_weighted_towards_the_tail():
+    w = class_weights([100, 10, 1], "tail")
+    vote = LTVote(["magnitude", "taylor_first_order"], w, tau=0.5, suppress=False)
+    vote.observe([10.0, 10.0, 10.0])
+    # round 1: only the head class improves; round 2: only the tail class. Both criteria active both times.
+    vote.observe([20.0, 10.0, 10.0])
+    head_only = vote.importance().clone()
+    vote.observe([20.0, 10.0, 20.0])
+    assert torch.allclose(head_only, w[0].repeat(2))
+    assert torch.allclose(vote.importance(), (w[0] + w[2]).repeat(2) / 2)
+    assert float(vote.importance()[0]) > float(head_only[0])  # a tail vote moves I more than a head vote
+
+
+def test_single_class_softmax_over_criteria():
+    """Defect (a): with one class, ``D @ w`` must still be a K-vector and the softmax run over the criteria."""
+    vote = LTVote(CRITERIA, torch.ones(1, dtype=torch.float64), tau=0.5, suppress=False)
+    vote.D[1, 0] = 1.0
+    vote.rounds = 1
+    alpha = vote.base_alpha()
+    assert alpha.shape == (5,) and math.isclose(float(alpha.sum()), 1.0)
+    e = math.exp(2.0)
+    assert math.isclose(float(alpha[1]), e / (e + 4)) and math.isclose(float(alpha[0]), 1 / (e + 4))
+
+
+def test_redistribution_reaches_every_other_criterion():
+    """Defect (c): the suppressed weight goes to *all* other criteria (a boolean mask, not an index tensor that
+    would only touch rows 0 and 1)."""
+    seen = set()
+    for seed in range(40):
+        vote = LTVote(CRITERIA, torch.tensor([0.7, 0.3], dtype=torch.float64), seed=seed)
+        vote.D = torch.tensor([[3, 0], [1, 2], [0, 0], [2, 2], [0, 3]], dtype=torch.float64)
+        vote.rounds = 3
+        base = vote.base_alpha()
+        alpha, m = vote.draw()
+        seen.add(m)
+        for j in range(5):
+            expected = 0.0 if j == m else float(base[j] + base[m] / 4)
+            assert math.isclose(float(alpha[j]), expected, abs_tol=1e-15), (seed, m, j)
+    assert seen >= {2, 3, 4}
+
+
+def test_suppression_is_inverse_probability_and_seeded():
+    vote = LTVote(CRITERIA, torch.tensor([1.0], dtype=torch.float64), tau=0.5, seed=0)
+    vote.D = torch.tensor([[0.0], [1.0], [2.0], [1.0], [0.0]], dtype=torch.float64)
+    vote.rounds = 2
+    base = vote.base_alpha()
+    draws = torch.tensor([vote.draw()[1] for _ in range(4000)])
+    freq = torch.bincount(draws, minlength=5).double() / 4000
+    inverse = (1 / base) / (1 / base).sum()
+    assert torch.allclose(freq, inverse, atol=0.03)
+    assert freq[2] < freq[1] < freq[0]  # the strongest criterion is suppressed least often
+
+    def sequence(seed):
+        v = LTVote(CRITERIA, class_weights([100, 10, 1]), seed=seed)
+        out = [v.suppressed]
+        for accuracy in ACCURACIES * 4:
+            v.observe(accuracy)
+            out.append(v.suppressed)
+        return out
+
+    assert sequence(1) == sequence(1)
+    assert sequence(1) != sequence(2)
+
+
+def test_gain_increment_and_state_round_trip():
+    w = class_weights([100, 10, 1])
+    vote = LTVote(CRITERIA, w, increment="gain", seed=3)
+    vote.observe([10.0, 10.0, 10.0])
+    m = vote.suppressed
+    vote.observe([30.0, 5.0, 60.0])
+    active = torch.ones(5, dtype=torch.float64)
+    active[m] = 0
+    assert torch.allclose(vote.D, active[:, None] * torch.tensor([0.2, 0.0, 0.5], dtype=torch.float64)[None, :])
+    clone = LTVote(CRITERIA, w, increment="gain", seed=99)
+    clone.load_state_dict(vote.state_dict())
+    for accuracy in ACCURACIES:
+        assert vote.observe(accuracy) == clone.observe(accuracy)
+    assert torch.equal(vote.D, clone.D) and vote.suppressed == clone.suppressed
+
+
+# ------------------------------------------------------------------------------------------------- options
+def ltap_config(**method) -> dict:
+    raw = tiny_config()
+    raw["method"] = {"name": "ltap", "start_epoch": 1, "stages": 2, "stage_interval": 1, "target_params": 0.5, **method}
+    return raw
+
+
+def test_options_resolve_and_validate():
+    cfg = config_from_dict(ltap_config())
+    assert cfg.method["vote"] == "adaptive" and cfg.method["second_order"] == "fisher" and cfg.method["tau"] == 0.5
+    assert cfg.method["class_weights"] == "tail" and cfg.method["criteria"] == list(CRITERIA)
+    raw = ltap_config(vote="public-code")
+    del raw["method"]["stages"]
+    cfg = config_from_dict(raw)
+    assert cfg.method["stages"] == 1 and cfg.method["second_order"] == "public-code"  # one-shot, 1/2 (w.g)^2
+    assert config_from_dict(ltap_config(normalize="group-mean")).method["normalize"] == "group-mean"
+    cfg = config_from_dict(ltap_config(criteria=["taylor_first_order", "magnitude"]))
+    assert cfg.method["criteria"] == ["magnitude", "taylor_first_order"]
+    for bad, match in (({"criteria": ["l1"]}, "criteria"), ({"criteria": []}, "criteria"), ({"vote": "x"}, "vote"),
+                       ({"tau": 0.0}, "tau"), ({"class_weights": "sqrt"}, "class_weights"),
+                       ({"normalize": "none"}, "normalize"), ({"score_window": 2}, "score_window"),
+                       ({"vote": "public-code", "criteria": ["magnitude"]}, "criteria"),
+                       ({"stages": 4}, "last pruning stage")):
+        with pytest.raises(ConfigError, match=match):
+            config_from_dict(ltap_config(**bad))
+    # the baseline default (30% of parameters kept) when no target is given
+    raw = ltap_config()
+    del raw["method"]["target_params"]
+    assert config_from_dict(raw).method["target_params"] == 0.3
+
+
+def test_paper_defaults():
+    from tailwise.methods.ltap import LTAPOptions
+
+    o = LTAPOptions()
+    assert (o.start_epoch, o.stage_interval, o.tau) == (100, 10, 0.5)
+    assert (o.vote, o.class_weights, o.zeroing, o.normalize) == ("adaptive", "tail", "hard", "l2")
+    cfg = load_config("cifar100_lt_ir100_resnet32_bs_ltap", [])
+    m = cfg.method
+    assert (m["name"], m["start_epoch"], m["stages"], m["target_params"]) == ("ltap", 100, 5, 0.3)
+    assert cfg.train.epochs == 200
+
+
+@pytest.mark.parametrize("name", [n for n in list_recipes() if "ltap" in n])
+def test_ltap_recipes_match_their_baselines(name):
+    cfg = load_config(name, [])
+    baseline = name.replace("_ltap_uniform_short", "_magnitude_short").replace("_ltap_short", "_magnitude_short")
+    base = load_config(baseline.replace("_ltap", ""), [])
+    assert cfg.method["name"] == "ltap"
+    assert cfg.data == base.data and cfg.model == base.model and cfg.train == base.train and cfg.loss == base.loss
+    if name.endswith("_short"):
+        for key in ("target_macs", "start_epoch", "stages", "stage_interval", "zeroing"):
+            assert cfg.method[key] == base.method[key]
+        assert cfg.method["vote"] == ("uniform" if "uniform" in name else "adaptive")
+    assert len([n for n in list_recipes() if "ltap" in n]) == 14  # 2 datasets x 2 IRs x 3 losses + 2 short
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def make(tmp_path, name="run", drop=(), **method) -> Trainer:
+    raw = ltap_config(**method)
+    for key in drop:  # leave a key to its default
+        del raw["method"][key]
+    cfg = config_from_dict(raw)
+    out = tmp_path / name
+    prepare_run_dir(cfg, out)
+    return Trainer(cfg, out, log=lambda msg: None)
+
+
+@pytest.fixture(scope="module")
+def adaptive_run(tmp_path_factory):
+    trainer = make(tmp_path_factory.mktemp("ltap"))
+    return trainer, trainer.fit()
+
+
+def test_end_to_end_reaches_target_and_logs_alpha(adaptive_run):
+    trainer, result = adaptive_run
+    cost = result["cost"]
+    assert cost["params"] <= 0.5 * cost["params_dense"] and cost["params"] > 0.4 * cost["params_dense"]
+    on_disk = [json.loads(line) for line in (trainer.out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in on_disk] == [0, 1, 2]
+    for r in on_disk:
+        assert set(r["ltap_alpha"]) == set(CRITERIA) and math.isclose(sum(r["ltap_alpha"].values()), 1.0, abs_tol=1e-5)
+        assert r["ltap_alpha"][r["ltap_suppressed"]] == 0.0
+        assert {"active_params", "active_macs", "live_channels"} <= set(r)
+    assert on_disk[0]["ltap_vote"] == {"round": 0, "reference": True}
+    assert on_disk[1]["ltap_vote"]["round"] == 1 and on_disk[2]["ltap_vote"]["round"] == 2
+    stages = [r["pruning_stage"] for r in on_disk if "pruning_stage" in r]
+    assert [s["stage"] for s in stages] == [1, 2]
+    assert stages[1]["alpha"] == on_disk[1]["ltap_vote"]["alpha"]  # stage 2 used the weights round 1 produced
+    for s in stages:  # per criterion: the share of the removed channels it alone would have removed
+        assert set(s["agreement"]) == set(CRITERIA) and all(0.0 <= v <= 1.0 for v in s["agreement"].values())
+    assert on_disk[-1]["active_params"] == cost["params"]  # the compressed model is the masked one
+    method = result["method"]
+    assert method["name"] == "ltap" and method["vote"] == "adaptive" and method["second_order"] == "fisher"
+    ltap = method["ltap"]
+    assert set(ltap["alpha_final"]) == set(CRITERIA) and ltap["vote_matrix"]["rounds"] == 2
+    assert set(ltap["vote_matrix"]["votes_total"]) == set(CRITERIA) and len(ltap["rounds"]) == 2
+    model = load_model(trainer.out)
+    assert sum(p.numel() for p in model.parameters()) == cost["params"]
+    saved = json.loads((trainer.out / "result.json").read_text())
+    assert saved["method"]["ltap"]["alpha_final"] == ltap["alpha_final"]
+
+
+@pytest.mark.parametrize("vote", ["uniform", "public-code"])
+def test_ablations_run(tmp_path, vote):
+    trainer = make(tmp_path, vote=vote, drop=("stages",) if vote == "public-code" else ())
+    result = trainer.fit()
+    records = trainer.metrics.records()
+    assert result["cost"]["params"] <= 0.5 * result["cost"]["params_dense"]
+    assert all(r["ltap_suppressed"] is None and "ltap_vote" not in r for r in records)
+    history = result["method"]["history"]
+    if vote == "uniform":
+        assert len(history) == 2 and all(v == 0.2 for v in records[0]["ltap_alpha"].values())
+    else:
+        assert len(history) == 1 and history[0]["epoch"] == 0  # one-shot
+        assert result["method"]["stages"] == 1 and result["method"]["second_order"] == "public-code"
+        total = sum(PUBLIC_CODE_WEIGHTS.values())
+        assert records[0]["ltap_alpha"] == {k: round(v / total, 6) for k, v in PUBLIC_CODE_WEIGHTS.items()}
+
+
+def test_criteria_subset_without_gradients(tmp_path):
+    trainer = make(tmp_path, criteria=["magnitude", "avg_magnitude"])
+    assert not trainer.method.wants_gradients
+    result = trainer.fit()
+    assert set(result["method"]["ltap"]["alpha_final"]) == {"magnitude", "avg_magnitude"}
+    assert result["cost"]["params"] <= 0.5 * result["cost"]["params_dense"]
+
+
+@pytest.mark.parametrize("stop_step", [3, 8])  # mid scoring window of stage 1; after stage 1, mid window of stage 2
+def test_resume_across_a_stage_equals_uninterrupted(tmp_path, adaptive_run, stop_step):
+    full, full_result = adaptive_run
+    first = make(tmp_path)
+    stop_after(first, stop_step)
+    with pytest.raises(Interrupted):
+        first.fit()
+    resumed = Trainer(first.cfg, first.out, log=lambda msg: None)
+    resumed.resume()
+    if stop_step == 8:
+        assert resumed.method.history and resumed.method.accumulator.steps == 3 and resumed.method.vote.prev is not None
+    result = resumed.fit()
+    for key, value in full.ctx.model.state_dict().items():
+        assert torch.equal(value, resumed.ctx.model.state_dict()[key]), key
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "time_s"} for r in recs]  # noqa: E731
+    assert strip(resumed.metrics.records()) == strip(full.metrics.records())
+    assert result["accuracy"] == full_result["accuracy"] and result["method"] == full_result["method"]
+
+
+def test_vote_cadence_and_scoring_window(tmp_path):
+    """Rounds close at the stages (and once more ``stage_interval`` later) by default, every epoch of the pruning
+    phase with ``vote_every: epoch``; gradient criteria accumulate only in the ``score_window`` epochs."""
+    def built(name, epochs, **method):
+        raw = ltap_config(**method)
+        raw["train"]["epochs"] = epochs
+        cfg = config_from_dict(raw)
+        prepare_run_dir(cfg, tmp_path / name)
+        return Trainer(cfg, tmp_path / name, log=lambda msg: None).method
+
+    stage = built("a", 5, start_epoch=1, stage_interval=2)
+    assert stage.stage_epochs == [1, 3] and stage.vote_epochs == [1, 3, 5]
+    assert [e for e in range(5) if stage.in_scoring_window(e)] == [0, 2]
+    every = built("b", 5, start_epoch=1, stage_interval=2, vote_every="epoch")
+    assert every.vote_epochs == [1, 2, 3, 4, 5]
+    wide = built("c", 6, start_epoch=2, stage_interval=3, score_window=2)
+    assert wide.stage_epochs == [2, 5] and [e for e in range(6) if wide.in_scoring_window(e)] == [0, 1, 3, 4]

@@ -365,3 +365,18 @@ def test_pruning_run_on_cuda_reloads_its_cpu_state(tmp_path):
     trainer.method.load_state_dict(state["method"])
     assert all(k.device.type == "cpu" for k in trainer.method.masks.keep)
     trainer.method.masks.enforce_weights()
+
+
+def test_round_to_keeps_live_counts_multiples(tmp_path):
+    raw = tiny_config(epochs=2)
+    raw["method"] = {"name": "magnitude", "start_epoch": 1, "stages": 2, "stage_interval": 1, "target_params": 0.3,
+                     "round_to": 8}
+    cfg = config_from_dict(raw)
+    out = tmp_path / "run"
+    prepare_run_dir(cfg, out)
+    trainer = Trainer(cfg, out, log=lambda msg: None)
+    result = trainer.fit()
+    assert result["cost"]["params"] <= 0.3 * result["cost"]["params_dense"]
+    live = [int(trainer.method.masks.live(i).sum()) for i in range(len(trainer.method.groups))]
+    assert all(n % 8 == 0 and n >= 8 for n in live), live
+    assert min(live) < 64  # something was pruned in whole runs of 8

@@ -105,11 +105,12 @@ def cmd_export(ns) -> int:
 def cmd_bench_latency(ns) -> int:
     from .compress.cost import latency_report
 
-    report = latency_report(Path(ns.run_dir), ns.batch, ns.repeats)
+    report = latency_report(Path(ns.run_dir), ns.batch, ns.repeats, ns.channels_last)
     if ns.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"latency on {report['machine']} ({report['threads']} threads), median of {ns.repeats} runs, ms per batch")
+    print(f"latency on {report['machine']} ({report['threads']} threads, {report['memory_format']}), median of "
+          f"{ns.repeats} interleaved runs, ms per batch")
     print(f"{'batch':>6s} {'dense':>10s} {'deployed':>10s} {'speed-up':>9s}")
     for row in report["rows"]:
         print(f"{row['batch']:>6d} {row['dense_ms']:>10.2f} {row['deployed_ms']:>10.2f} {row['speedup']:>8.2f}x")
@@ -175,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 128])
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--channels-last", action="store_true", help="time both models in NHWC memory format")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_bench_latency)
     p = sub.add_parser("data", help="dataset tools")

@@ -103,10 +103,11 @@ def measure_latency(model: nn.Module, example: torch.Tensor, repeats: int = 20, 
     return sorted(times)[len(times) // 2]
 
 
-def latency_report(run_dir, batches=(1, 128), repeats: int = 20) -> dict:
-    """Median latency of the dense architecture (freshly built) vs the run's deployed model, same process,
-    interleaved per batch size."""
+def latency_report(run_dir, batches=(1, 128), repeats: int = 20, channels_last: bool = False) -> dict:
+    """Median latency of the dense architecture (freshly built) vs the run's deployed model in one process;
+    the two are timed alternately, one forward pass each, ``repeats`` times per batch size."""
     import platform
+    import statistics
 
     from ..deploy import load_model
     from ..models import build_model
@@ -114,14 +115,21 @@ def latency_report(run_dir, batches=(1, 128), repeats: int = 20) -> dict:
     deployed = load_model(run_dir)
     dense = build_model(**deployed.arch).eval()
     shape = deployed.preprocess["input_shape"]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    dense, deployed = dense.to(memory_format=fmt), deployed.to(memory_format=fmt)
     rows = []
     for b in batches:
-        x = torch.randn(b, *shape)
-        dense_ms = measure_latency(dense, x, repeats)
-        deployed_ms = measure_latency(deployed, x, repeats)
+        x = torch.randn(b, *shape).contiguous(memory_format=fmt)
+        measure_latency(dense, x, 1), measure_latency(deployed, x, 1)  # warm-up of both
+        pairs = [(measure_latency(dense, x, 1, warmup=0), measure_latency(deployed, x, 1, warmup=0))
+                 for _ in range(repeats)]  # interleaved, so load changes hit both alike
+        dense_ms = statistics.median(p[0] for p in pairs)
+        deployed_ms = statistics.median(p[1] for p in pairs)
         rows.append({"batch": b, "dense_ms": round(dense_ms, 3), "deployed_ms": round(deployed_ms, 3),
-                     "speedup": round(dense_ms / deployed_ms, 3)})
+                     "speedup": round(dense_ms / deployed_ms, 3),
+                     "speedup_median_of_pairs": round(statistics.median(d / c for d, c in pairs), 3)})
     return {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "threads": torch.get_num_threads(),
+            "memory_format": "channels_last" if channels_last else "contiguous",
             "params": count_params(deployed), "params_dense": count_params(dense),
             "macs": count_macs(deployed, torch.zeros(1, *shape)), "macs_dense": count_macs(dense, torch.zeros(1, *shape)),
             "rows": rows}

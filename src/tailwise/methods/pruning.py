@@ -38,6 +38,7 @@ class PruningOptions:
     zeroing: str = "hard"  # hard | progressive
     decay_steps: int = 0  # progressive zeroing: optimizer steps per stage (0 = one epoch)
     normalize: str = "mean"  # baselines: divide each group's scores by their mean (none: raw global ranking)
+    round_to: int = 1  # keep every group's live channel count a multiple of this (8 helps CPU/GPU kernels)
 
 
 def check_pruning_options(o: PruningOptions, cfg) -> None:
@@ -51,8 +52,9 @@ def check_pruning_options(o: PruningOptions, cfg) -> None:
         value = getattr(o, name)
         if value is not None and not 0.0 < value < 1.0:
             raise ConfigError(f"method.{name}: {value} is out of range; must be in (0, 1)")
-    if o.stages < 1 or o.stage_interval < 1 or o.start_epoch < 1 or o.decay_steps < 0:
-        raise ConfigError("method.stages, method.stage_interval, method.start_epoch must be >= 1 (decay_steps >= 0)")
+    if o.stages < 1 or o.stage_interval < 1 or o.start_epoch < 1 or o.decay_steps < 0 or o.round_to < 1:
+        raise ConfigError("method.stages, method.stage_interval, method.start_epoch, method.round_to must be >= 1 "
+                          "(decay_steps >= 0)")
     for key, allowed in (("scope", ("all", "internal")), ("zeroing", ("hard", "progressive")), ("normalize", ("mean", "none"))):
         if getattr(o, key) not in allowed:
             raise ConfigError(f"method.{key}: {getattr(o, key)!r} is not allowed; allowed: {', '.join(allowed)}")
@@ -146,26 +148,34 @@ class StructuredPruning(Method):
         return count_macs(self.model, self.example, self.masks) / self.dense["macs"]
 
     def select(self, scores: list[torch.Tensor], stage: int) -> dict[int, torch.Tensor]:
-        """The fewest globally lowest-scoring live channels whose removal meets this stage's budget."""
+        """The fewest globally lowest-scoring live units whose removal meets this stage's budget.
+
+        A unit is one channel (``round_to: 1``) or, with ``round_to: q``, a run of ``q`` consecutive channels in
+        a group's ascending score order (the first run shortened so the live count stays a multiple of ``q``),
+        scored by its mean. Within a group, units go lowest first; the group's best ``q`` channels (its best
+        channel for q = 1) always survive.
+        """
         unit, target = self.budget(stage)
-        group_of, channel_of, values = [], [], []
+        q = self.options.round_to
+        units, values = [], []  # units: (group, channels)
         for gi, s in enumerate(scores):
             alive = self.masks.live(gi).nonzero().flatten()
-            if len(alive) <= 1:
-                continue
-            best = alive[s[alive].argmax()]
-            candidates = alive[alive != best]  # the best channel of every group always survives
-            group_of.append(torch.full((len(candidates),), gi))
-            channel_of.append(candidates)
-            values.append(s[candidates].double())
-        if not values:
+            ranked = alive[torch.argsort(s[alive].double(), stable=True)]
+            removable = len(ranked) - max(1, min(q, len(ranked)))
+            first = removable % q
+            bounds = ([0, first] if first else [0]) + list(range(first + q, removable + 1, q))
+            for a, b in zip(bounds, bounds[1:]):
+                units.append((gi, ranked[a:b]))
+                values.append(float(s[ranked[a:b]].double().mean()))
+        if not units:
             return {}
-        group_of, channel_of, values = torch.cat(group_of), torch.cat(channel_of), torch.cat(values)
-        order = torch.argsort(values, stable=True)
+        order = torch.argsort(torch.tensor(values, dtype=torch.float64), stable=True).tolist()
 
         def selection(k: int) -> dict[int, torch.Tensor]:
-            chosen = order[:k]
-            return {int(g): channel_of[chosen][group_of[chosen] == g] for g in group_of[chosen].unique()}
+            chosen: dict[int, list[torch.Tensor]] = {}
+            for i in order[:k]:
+                chosen.setdefault(units[i][0], []).append(units[i][1])
+            return {gi: torch.cat(parts) for gi, parts in chosen.items()}
 
         def retained_after(k: int) -> float:
             saved = [keep.clone() for keep in self.masks.keep]
@@ -176,8 +186,9 @@ class StructuredPruning(Method):
             return value
 
         if unit == "channels":
-            k = max(0, math.ceil(self.masks.num_live() - target * self.masks.num_channels() - 1e-9))
-            return selection(min(k, len(order)))
+            needed = math.ceil(self.masks.num_live() - target * self.masks.num_channels() - 1e-9)
+            removed = torch.tensor([len(units[i][1]) for i in order]).cumsum(0)
+            return selection(int((removed < needed).sum()) + 1 if needed > 0 else 0)
         lo, hi = 0, len(order)
         if retained_after(hi) > target:
             return selection(hi)  # the budget is not reachable: prune everything allowed

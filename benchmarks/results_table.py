@@ -12,7 +12,8 @@ import json
 import re
 from pathlib import Path
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+from common import DOCS, write_section
+
 
 
 def fmt(v) -> str:
@@ -57,11 +58,7 @@ def main() -> None:
     text = "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"
     print(text)
     if args.write_docs:
-        docs = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-        pattern = re.compile(rf"^## {re.escape(args.section)}\n.*?(?=^## |\Z)", re.S | re.M)
-        docs = pattern.sub(text + "\n", docs) if pattern.search(docs) else docs.rstrip() + "\n\n" + text
-        DOCS.write_text(docs)
-
+        write_section(DOCS, text)
 
 if __name__ == "__main__":
     main()

@@ -134,12 +134,12 @@ class Trainer:
             device=self.device, channels_last=t.channels_last)
         self.method: Method = build_method(cfg.method)
         self.ctx = TrainContext(cfg, self.model, self.optimizer, self.loss_fn, d, self.device, self)
+        example = d.train.images[:1].float().to(self.device)  # the base architecture's cost, before a method adds to it
+        self.dense_cost = {"params": count_params(self.model), "macs": count_macs(self.model, example)}
         self.method.setup(self.ctx)
         self.start_epoch, self.best, self.elapsed = 0, None, 0.0
         self.epoch_stats = {"loss": 0.0, "correct": 0, "seen": 0, "counted": 0}
         self.metrics = MetricsLog(self.out / "metrics.jsonl", self.out / "tensorboard" if cfg.run.tensorboard else None)
-        example = d.train.images[:1].float().to(self.device)
-        self.dense_cost = {"params": count_params(self.model), "macs": count_macs(self.model, example)}
 
     # ---------------------------------------------------------------------------------------------- pieces
     def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
@@ -219,8 +219,9 @@ class Trainer:
                        desc=f"epoch {epoch + 1}/{t.epochs}", leave=False, dynamic_ncols=True)
         for x, y in self.train_loader:
             with torch.autocast(self.device.type, enabled=t.amp):
-                loss = self.method.training_loss(ctx, x, y)
-                logits = None
+                loss, logits = self.method.training_loss(ctx, x, y), None
+                if isinstance(loss, tuple):  # the method also hands back the logits it computed
+                    loss, logits = loss
                 if loss is None:
                     logits = ctx.model(x)
                     loss = self.loss_fn(logits.float(), y)

@@ -37,8 +37,9 @@ class Method:
     def on_epoch_start(self, ctx, epoch: int) -> None:
         pass
 
-    def training_loss(self, ctx, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
-        """Return the loss for this batch to override ``loss_fn(model(x), y)``, or None."""
+    def training_loss(self, ctx, x: torch.Tensor, y: torch.Tensor):
+        """Return the loss for this batch to override ``loss_fn(model(x), y)`` — or ``(loss, logits)`` so the
+        trainer can count training accuracy — or None for the default."""
         return None
 
     def after_backward(self, ctx) -> None:
@@ -107,3 +108,5 @@ def build_method(config: dict) -> Method:
 
 from . import pruning as _pruning  # noqa: E402,F401  (registers magnitude, taylor, random)
 from . import ltap as _ltap  # noqa: E402,F401  (registers ltap)
+from . import more as _more  # noqa: E402,F401  (registers more)
+from . import plasticity as _plasticity  # noqa: E402,F401  (registers plasticity)

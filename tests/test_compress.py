@@ -537,3 +537,11 @@ def test_loading_masks_of_other_groups_raises():
                   ChannelMasks(make("resnet32"), groups_of(make("resnet32")))):
         with pytest.raises(ValueError, match="different channel groups"):
             other.load_state_dict(masks.state_dict())
+
+
+def test_cost_accepts_an_input_size():
+    from tailwise.compress.cost import cost
+    from tailwise.models import build_model
+
+    model = build_model("resnet20", 10)
+    assert cost(model, (3, 32, 32)) == cost(model, torch.zeros(1, 3, 32, 32))

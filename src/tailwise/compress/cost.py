@@ -80,8 +80,14 @@ def count_macs(model: nn.Module, example: torch.Tensor, masks=None) -> int:
     return int(total)
 
 
-def cost(model: nn.Module, example: torch.Tensor, masks=None) -> dict:
-    """``{"params", "macs", "flops"}`` (FLOPs = 2 x MACs) of ``model``, or of its compressed form under ``masks``."""
+def cost(model: nn.Module, example, masks=None) -> dict:
+    """``{"params", "macs", "flops"}`` (FLOPs = 2 x MACs) of ``model``, or of its compressed form under ``masks``.
+
+    ``example`` is an input tensor or an input size ``(C, H, W)``.
+    """
+    if isinstance(example, (tuple, list, torch.Size)):
+        device = next(model.parameters()).device
+        example = torch.zeros(1, *example, device=device)
     macs = count_macs(model, example, masks)
     return {"params": count_params(model, masks), "macs": macs, "flops": 2 * macs}
 

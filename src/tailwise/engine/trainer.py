@@ -319,6 +319,7 @@ class Trainer:
         example = d.train.images[:1].float().to(self.device)
         cost = {"params": count_params(deployed), "macs": count_macs(deployed, example),
                 "params_dense": self.dense_cost["params"], "macs_dense": self.dense_cost["macs"]}
+        cost["flops"] = 2 * cost["macs"]  # FLOPs = 2 x MACs (multiply + add)
         cost["F"] = round(100.0 * cost["macs"] / cost["macs_dense"], 4)
         preprocess = {"mean": self.mean, "std": self.std, "input_shape": list(d.train.images.shape[1:])}
         save_model(deployed, self.out / "model", preprocess, d.classes)

@@ -110,3 +110,4 @@ from . import pruning as _pruning  # noqa: E402,F401  (registers magnitude, tayl
 from . import ltap as _ltap  # noqa: E402,F401  (registers ltap)
 from . import more as _more  # noqa: E402,F401  (registers more)
 from . import plasticity as _plasticity  # noqa: E402,F401  (registers plasticity)
+from . import decoupled as _decoupled  # noqa: E402,F401  (registers do)

@@ -1,0 +1,279 @@
+"""``method: do``: stage plan and lr, compensation loss, samplers, frozen entries, end-to-end run and resume."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from tailwise.config import config_from_dict
+from tailwise.engine.trainer import Interrupted, Trainer, prepare_run_dir
+from tailwise.errors import ConfigError
+from tailwise.methods.decoupled import (Decoupled, DecoupledOptions, Stage, compensation_loss, cubic_ratio,
+                                        reversed_frequency, select_pruned, stage_alpha, stage_epochs, stage_lr)
+
+
+def do_config(epochs: int = 8, **method) -> dict:
+    return {
+        "data": {"name": "synthetic", "num_classes": 6, "synthetic_per_class": 40, "synthetic_test_per_class": 6,
+                 "imbalance_ratio": 10, "image_size": 16, "val_per_class": 3, "cache": False},
+        "model": {"name": "resnet20"},
+        "loss": {"name": "ce"},
+        "method": {"name": "do", "prune_steps": 3, **method},
+        "train": {"epochs": epochs, "batch_size": 32, "eval_batch_size": 64, "lr": 0.05, "warmup_epochs": 0},
+        "run": {"seed": 5, "progress": "none", "threads": 1},
+    }
+
+
+def make(tmp_path, name="run", epochs=8, **method) -> Trainer:
+    cfg = config_from_dict(do_config(epochs, **method))
+    out = tmp_path / name
+    prepare_run_dir(cfg, out)
+    return Trainer(cfg, out, log=lambda msg: None)
+
+
+# ------------------------------------------------------------------------------------------------ pure pieces
+def test_stage_epochs_and_lr():
+    assert stage_epochs(200, 3) == [100, 50, 50]
+    assert stage_epochs(10, 3) == [6, 2, 2]
+    assert stage_epochs(9, 2) == [6, 3]
+    first = Stage("many", "many", [0], 100, 0, 0.05, 0.5)
+    later = Stage("medium", "medium", [1], 50, 100, 0.005, 0.8)
+    assert stage_lr(first, 0, 0) == pytest.approx(0.05)
+    assert stage_lr(first, 50, 0) == pytest.approx(0.025)
+    assert stage_lr(first, 99, 0) == pytest.approx(0.05 * (1 + math.cos(math.pi * 0.99)) / 2)
+    assert stage_lr(first, 1, 5) == pytest.approx(0.05 * 2 / 5)  # warm-up
+    assert stage_lr(later, 120, 5) == 0.005
+
+
+def test_cubic_schedule_endpoints():
+    assert cubic_ratio(0, 10, 0.0, 0.8) == 0.0
+    assert cubic_ratio(10, 10, 0.0, 0.8) == pytest.approx(0.8)
+    values = [cubic_ratio(k, 10, 0.0, 0.8) for k in range(11)]
+    assert values == sorted(values)
+    assert values[1] - values[0] > values[10] - values[9]  # fast first, slow last
+
+
+def test_compensation_loss_by_hand():
+    z = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]])
+    y = torch.tensor([0, 2])
+    alpha = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    expected = 0.0
+    for i in range(2):
+        adj = [float(z[i, c]) - math.log(float(alpha[c])) for c in range(3)]
+        expected += -(adj[int(y[i])] - math.log(sum(math.exp(a) for a in adj)))
+    assert float(compensation_loss(z, y, alpha.log())) == pytest.approx(expected / 2, rel=1e-6)
+
+
+def test_alpha_per_stage():
+    counts = [50, 20, 10, 4]
+    assert torch.equal(stage_alpha("many", [0], counts, 0.7), torch.ones(4, dtype=torch.float64))
+    tau = reversed_frequency(counts)
+    assert tau.tolist() == pytest.approx([4 / 84, 10 / 84, 20 / 84, 50 / 84])
+    # rank-based reversal: unsorted labels give each class the frequency of its mirror rank
+    assert reversed_frequency([4, 50, 10, 20]).tolist() == pytest.approx([50 / 84, 4 / 84, 20 / 84, 10 / 84])
+    med = stage_alpha("medium", [1, 2], counts, 0.7)
+    assert med.tolist() == pytest.approx([0.3, 0.7, 0.7, 0.3])
+    assert stage_alpha("medium", [1, 2], counts, 0.7, "constant").tolist() == pytest.approx([0.7] * 4)
+
+
+def test_select_pruned_nested_and_scoped():
+    scores = [torch.tensor([5.0, 1.0, 3.0, 2.0]), torch.tensor([10.0, 20.0])]
+    free = [torch.tensor([True, True, True, False]), torch.tensor([True, True])]
+    layer = select_pruned(scores, free, 0.5, "layer")
+    assert layer[0].tolist() == [False, True, True, False]  # 0.5 * 3 free = 1.5 -> 2 (half up), lowest two
+    assert layer[1].tolist() == [True, False]
+    glob = select_pruned(scores, free, 0.4, "global")  # 5 free entries -> 2 lowest: 1.0 and 3.0
+    assert glob[0].tolist() == [False, True, True, False] and glob[1].tolist() == [False, False]
+    small = select_pruned(scores, free, 0.2, "global")
+    assert all(bool((s <= b).all()) for s, b in zip(small, glob))
+
+
+# ------------------------------------------------------------------------------------------------ in a trainer
+def test_plan_sampler_and_config_checks(tmp_path):
+    trainer = make(tmp_path, epochs=8)
+    m = trainer.method
+    assert isinstance(m, Decoupled)
+    groups = trainer.data.groups
+    assert [s.name for s in m.stages] == ["many", "medium", "few"]
+    assert [s.classes for s in m.stages] == [groups.indices(g) for g in ("many", "medium", "few")]
+    assert [(s.start, s.epochs) for s in m.stages] == [(0, 4), (4, 2), (6, 2)]
+    assert [s.lr for s in m.stages] == pytest.approx([0.05, 0.005, 0.005])
+    assert trainer.train_loader.sampler.kind == "instance"
+    s1, s2 = m.sampler_for(trainer.ctx, 1), m.sampler_for(trainer.ctx, 2)
+    assert s1.kind == "group_preferred" and s1.rho == 0.7 and s2.kind == "class_balanced"
+    labels = trainer.data.train.labels
+    idx = s1.epoch_indices(0)[:32]
+    in_medium = torch.isin(labels[idx], torch.tensor(m.stages[1].classes))
+    assert int(in_medium.sum()) == round(0.7 * 32)
+    with pytest.raises(ConfigError):
+        config_from_dict({**do_config(), "loss": {"name": "balanced_softmax"}})
+    with pytest.raises(ConfigError):
+        config_from_dict(do_config(8, stage_epochs=[4, 2, 1]))
+    two = make(tmp_path, "two", 6, stages=2)
+    assert [s.name for s in two.method.stages] == ["many", "few"]
+    swapped = make(tmp_path, "swap", 8, order="many-few-medium")
+    assert [s.kind for s in swapped.method.stages] == ["many", "few", "medium"]
+
+
+class _Ctx:
+    def __init__(self, model, optimizer):
+        self.model, self.optimizer = model, optimizer
+
+
+def test_frozen_entries_bit_identical_through_sgd():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(3))
+    model(torch.randn(2, 3, 6, 6))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-3)
+    method = Decoupled(DecoupledOptions())
+    from tailwise.methods.decoupled import decoupled_parameters
+
+    method.params = decoupled_parameters(model)
+    assert [n for n, _ in method.params] == ["0.weight", "0.bias", "3.weight", "3.bias"]
+    gen = torch.Generator().manual_seed(1)
+    method.owner = [(torch.rand(p.shape, generator=gen) < 0.5).to(torch.int8) for _, p in method.params]
+    method.frozen_values = [p.detach() * (o != 0) for (_, p), o in zip(method.params, method.owner)]
+    method._masks()
+    before = [p.detach().clone() for _, p in method.params]
+    ctx = _Ctx(model, opt)
+    x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 3, (8,))
+    for _ in range(5):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        method.after_backward(ctx)
+        opt.step()
+        method.after_step(ctx)
+    for (name, p), b, o in zip(method.params, before, method.owner):
+        frozen = o != 0
+        assert torch.equal(p.detach()[frozen], b[frozen]), name
+        if (~frozen).any():
+            assert not torch.equal(p.detach()[~frozen], b[~frozen]), name  # the free entries did train
+        assert bool((opt.state[p]["momentum_buffer"][frozen] == 0).all()), name
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    trainer = make(tmp_path_factory.mktemp("do_full"))
+    return trainer, trainer.fit()
+
+
+def test_end_to_end(full_run):
+    trainer, result = full_run
+    m = trainer.method
+    desc = result["method"]
+    assert desc["name"] == "do" and len(desc["stages_table"]) == 2 and len(m.submodels) == 2
+    records = trainer.metrics.records()
+    assert [r["do"]["stage"] for r in records] == [1, 1, 1, 1, 2, 2, 3, 3]
+    assert [r["do"]["lr"] for r in records][4:] == pytest.approx([0.005] * 4)
+    assert "decoupling" in records[3]["do"] and "decoupling" in records[5]["do"]
+    # frozen fractions: stage 1 keeps 50% of all entries, stage 2 20% of the other half
+    table = desc["stages_table"]
+    assert table[0]["frozen_fraction"] == pytest.approx(0.5, abs=0.01)
+    assert table[1]["frozen_fraction"] == pytest.approx(0.6, abs=0.01)
+    # the frozen entries of stage 1 are the sub-model-1 entries, unchanged to the end
+    sub1 = m.submodels[0]
+    state = trainer.ctx.model.state_dict()
+    for i, (name, _) in enumerate(m.params):
+        frozen1 = m.owner[i] == 1
+        assert torch.equal(state[name][frozen1], sub1[name][frozen1]), name
+        assert bool((sub1[name][m.owner[i] == 0] == 0).all()), name
+    assert 0.0 <= result["accuracy"]["all"] <= 100.0
+    assert trainer.train_loader.sampler.kind == "class_balanced"
+
+
+def test_resume_mid_stage_equals_uninterrupted(tmp_path, full_run):
+    full, full_result = full_run
+    first = make(tmp_path)
+    steps_per_epoch = len(first.train_loader)
+    stop = 5 * steps_per_epoch + 2  # mid-epoch 5: stage 2, after the first decoupling
+    hook = first.method.after_step
+
+    def after_step(ctx):
+        hook(ctx)
+        if ctx.step + 1 == stop:
+            first._stop_signal = 2
+
+    first.method.after_step = after_step
+    with pytest.raises(Interrupted):
+        first.fit()
+    resumed = Trainer(first.cfg, first.out, log=lambda msg: None)
+    resumed.resume()
+    assert resumed.method.stage == 1 and resumed.train_loader.sampler.kind == "group_preferred"
+    result = resumed.fit()
+    for key, value in full.ctx.model.state_dict().items():
+        assert torch.equal(value, resumed.ctx.model.state_dict()[key]), key
+    assert result["accuracy"] == full_result["accuracy"]
+
+
+def test_instance_aggregation_recovers_planted_submodel():
+    from tailwise.methods.decoupled import instance_weights
+
+    g = torch.Generator().manual_seed(0)
+    t, b, k = 3, 64, 10
+    y = torch.randint(0, k, (b,), generator=g)
+
+    def stable():
+        z = torch.zeros(b, k)
+        z[torch.arange(b), y] = 3.0
+        return (z + 0.3 * torch.randn(b, k, generator=g)).softmax(1)
+
+    def unstable():
+        return (2.0 * torch.randn(b, k, generator=g)).softmax(1)
+
+    for planted in range(t):
+        v1 = torch.stack([stable() if i == planted else unstable() for i in range(t)])
+        v2 = torch.stack([stable() if i == planted else unstable() for i in range(t)])
+        lam = instance_weights(v1, v2, steps=10, lr=1.0, floor=0.05)
+        assert torch.allclose(lam.sum(1), torch.ones(b))
+        assert bool((lam >= 0.05 - 1e-6).all())
+        assert float((lam.argmax(1) == planted).float().mean()) > 0.9
+        assert int(lam.mean(0).argmax()) == planted
+
+
+def test_instance_aggregation_end_to_end(tmp_path):
+    trainer = make(tmp_path, epochs=6, aggregation="instance", tta_steps=3)
+    result = trainer.fit()
+    test_time = result["method"]["final"]["test_time"]
+    assert test_time["aggregation"] == "instance" and test_time["ms_per_image"] > 0
+    table = test_time["mean_lambda_per_group"]
+    assert set(table) == {"many", "medium", "few"} and all(len(v) == 3 for v in table.values())
+    assert all(sum(v) == pytest.approx(1.0, abs=1e-3) for v in table.values())
+    x = trainer.train_loader.normalize(trainer.data.test.images[:8])
+    trainer.ctx.model.eval()
+    with torch.no_grad():  # a prediction is a pure function of its batch
+        assert torch.equal(trainer.method.predict(trainer.ctx, x), trainer.method.predict(trainer.ctx, x))
+
+
+def test_gamma_knee_and_sweep(tmp_path):
+    from tailwise.methods.decoupled import knee
+
+    ratios = [i / 10 for i in range(10)]
+    assert knee(ratios, [60, 60, 59.5, 59, 58.5, 58, 40, 30, 20, 10]) == 0.5  # the marked drop comes after 50%
+    assert knee(ratios, [50.0] * 10) == 0.0
+    trainer = make(tmp_path, epochs=6, gamma_select="sweep", prune_steps=0)
+    result = trainer.fit()
+    for row in result["method"]["stages_table"]:
+        assert row["sweep"]["ratios"] == ratios and len(row["sweep"]["accuracy"]) == 10
+        assert row["gamma"] == knee(ratios, row["sweep"]["accuracy"])
+
+
+def test_four_stages_and_empty_group(tmp_path):
+    four = make(tmp_path, "four", epochs=10, stages=4)
+    m, counts = four.method, four.data.class_counts
+    assert [s.name for s in m.stages] == ["many", "medium-top", "medium-low", "few"]
+    medium = four.data.groups.indices("medium")
+    assert sorted(m.stages[1].classes + m.stages[2].classes) == medium
+    assert min(counts[c] for c in m.stages[1].classes) >= max(counts[c] for c in m.stages[2].classes)
+    assert [s.epochs for s in m.stages] == [4, 2, 2, 2]
+    # two classes (40 and 4 images): threshold groups, no "many" class -> that stage is dropped, its epochs move on
+    raw = do_config(8)
+    raw["data"].update(num_classes=2, val_per_class=1)
+    cfg = config_from_dict(raw)
+    prepare_run_dir(cfg, tmp_path / "two_classes")
+    small = Trainer(cfg, tmp_path / "two_classes", log=lambda msg: None)
+    assert small.method.dropped == ["many"]
+    assert [(s.name, s.start, s.epochs, s.lr, s.gamma) for s in small.method.stages] == [
+        ("medium", 0, 6, 0.05, 0.8), ("few", 6, 2, 0.005, None)]
+    assert small.train_loader.sampler.kind == "group_preferred"

@@ -7,6 +7,7 @@
     tailwise recipes
     tailwise export RUN_DIR --onnx
     tailwise bench-latency RUN_DIR [--batch 1 128]
+    tailwise report RUN_DIR... [--baseline RUN_DIR] [--out DIR]
 
 User errors (bad config, missing or corrupt data, NaN loss) print one message and exit with code 2.
 """
@@ -117,6 +118,17 @@ def cmd_bench_latency(ns) -> int:
     return 0
 
 
+def cmd_report(ns) -> int:
+    from .eval.report import build_report
+
+    out = Path(ns.out or f"report-{time.strftime('%Y%m%d-%H%M%S')}")
+    report = build_report(ns.run_dirs, out, ns.baseline, warn=lambda msg: _log(f"warning: {msg}"))
+    print((out / "table.md").read_text(), end="")
+    print(f"report: {report['files']['report.html']} ({len(report['runs'])} runs, {len(report['plots'])} plots; "
+          f"also table.csv, report.md, plots/)")
+    return 0
+
+
 def cmd_data_inspect(ns) -> int:
     from .config import load_config
     from .data.dataset import build_data
@@ -179,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true", help="time both models in NHWC memory format")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_bench_latency)
+    p = sub.add_parser("report", help="paper-layout table (Markdown, CSV), plots and an HTML page of finished runs")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--baseline", metavar="RUN_DIR", help="run that C and C/F are relative to (default: the dense run "
+                   "of the same loss and dataset among RUN_DIRs)")
+    p.add_argument("--out", help="report directory (default report-<timestamp>)")
+    p.set_defaults(fn=cmd_report)
     p = sub.add_parser("data", help="dataset tools")
     dsub = p.add_subparsers(dest="data_command", required=True)
     q = dsub.add_parser("inspect", help="class counts, shot groups and index_sha256 of a recipe's data")

@@ -1,0 +1,179 @@
+"""Report plots (matplotlib, Agg backend, PNG). Every function takes already-loaded run data and writes one file.
+
+Each plot function returns the path it wrote, or ``None`` when the runs carry nothing to plot (e.g. no
+``ltap_alpha`` records), so the report lists exactly the files that exist.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+GROUP_COLORS = {"many": "#1f77b4", "medium": "#ff7f0e", "few": "#d62728", "all": "#444444"}
+GROUP_LABELS = {"many": "Head (many)", "medium": "Medium", "few": "Tail (few)", "all": "All"}
+DPI = 110
+
+
+def layer_sort_key(name: str):
+    """Natural order of layer names: conv1 < layer1.0.conv1 < layer1.0.conv2 < ... < layer3.4.conv2 < fc."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI, format="png")
+    plt.close(fig)
+    return path
+
+
+def per_class_vs_count(runs, path: Path) -> Path | None:
+    """Per-class test accuracy against the class's training count (log x), one series per run."""
+    usable = [r for r in runs if r.per_class and r.class_counts and len(r.per_class) == len(r.class_counts)]
+    if not usable:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    markers = "os^Dv<>pP*Xh"
+    for i, r in enumerate(usable):
+        pairs = sorted(zip(r.class_counts, r.per_class))
+        ax.plot([p[0] for p in pairs], [p[1] for p in pairs], marker=markers[i % len(markers)], ms=4,
+                lw=1, alpha=0.85, label=r.label)
+    ax.set_xscale("log")
+    ax.set_xlabel("training images of the class (log scale)")
+    ax.set_ylabel("test accuracy of the class (%)")
+    ax.set_title("Per-class accuracy vs class frequency")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return _save(fig, path)
+
+
+def group_bars(runs, path: Path) -> Path | None:
+    """Head / Medium / Tail / All accuracy bars, one bar per run in each group."""
+    if not runs:
+        return None
+    groups = ["many", "medium", "few", "all"]
+    n = len(runs)
+    width = 0.8 / n
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.6 * len(groups) + 0.3 * n), 4.5))
+    for i, r in enumerate(runs):
+        xs = [g + (i - (n - 1) / 2) * width for g in range(len(groups))]
+        vals = [r.acc.get(k) if r.acc.get(k) is not None else 0.0 for k in groups]
+        bars = ax.bar(xs, vals, width=width * 0.95, label=r.label)
+        if n <= 6:
+            ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=1)
+    ax.set_xticks(range(len(groups)), [GROUP_LABELS[g] for g in groups])
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_xlabel("class group")
+    ax.set_ylim(0, 115)
+    ax.set_title("Accuracy per class group")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+    return _save(fig, path)
+
+
+def dynamics(run, path: Path) -> Path | None:
+    """Validation accuracy per group over epochs, pruning stages as dashed vertical lines, F on a second axis."""
+    recs = [m for m in run.metrics if isinstance(m.get("val"), dict) and "epoch" in m]
+    if not recs:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    epochs = [m["epoch"] + 1 for m in recs]
+    for g in ("many", "medium", "few", "all"):
+        ys = [m["val"].get(g) for m in recs]
+        if any(y is not None for y in ys):
+            ax.plot(epochs, [y if y is not None else float("nan") for y in ys], color=GROUP_COLORS[g],
+                    lw=2.2 if g == "all" else 1.4, label=GROUP_LABELS[g])
+    stages = [m for m in run.metrics if isinstance(m.get("pruning_stage"), dict)]
+    for j, m in enumerate(stages):
+        ax.axvline(m["epoch"] + 1, color="gray", ls="--", lw=0.9, label="pruning stage" if j == 0 else None)
+    macs_dense = run.macs_dense
+    if macs_dense and any("active_macs" in m for m in recs):
+        ax2 = ax.twinx()
+        ax2.plot(epochs, [100.0 * m.get("active_macs", float("nan")) / macs_dense for m in recs], color="black",
+                 ls=":", lw=1.2, label="F (% of dense MACs)")
+        ax2.set_ylabel("F: MACs (% of dense)")
+        ax2.set_ylim(0, 105)
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax2.legend(h1 + h2, l1 + l2, fontsize=7, loc="lower right", framealpha=0.95)  # top axes: drawn over lines
+    else:
+        ax.legend(fontsize=7, loc="lower right")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"Training dynamics: {run.label}", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    return _save(fig, path)
+
+
+def live_channels(run, path: Path) -> Path | None:
+    """Live output channels per layer (deployed arch.json, else the last live_channels record) vs dense width."""
+    live, dense = run.live_channels, run.dense_channels
+    if not live:
+        return None
+    layers = sorted(live, key=layer_sort_key)
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.26 * len(layers) + 2), 4.2))
+    xs = range(len(layers))
+    if dense:
+        ax.bar(xs, [dense.get(k, 0) for k in layers], color="#cccccc", label="dense width")
+    ax.bar(xs, [live[k] for k in layers], color="#1f77b4", width=0.6, label="live (kept) channels")
+    ax.set_xticks(list(xs), layers, rotation=90, fontsize=6)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("output channels (count)")
+    kept = sum(live.values()) / max(1, sum(dense.get(k, 0) for k in layers)) * 100 if dense else None
+    ax.set_title(f"Channels per layer: {run.label}" + (f" ({kept:.0f}% kept)" if kept is not None else ""),
+                 fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def ltap_alpha(run, path: Path) -> Path | None:
+    """LT-Vote criterion weights alpha over epochs (one line per criterion), pruning stages marked."""
+    recs = [m for m in run.metrics if isinstance(m.get("ltap_alpha"), dict) and m["ltap_alpha"]]
+    if not recs:
+        return None
+    names = []
+    for m in recs:
+        names += [k for k in m["ltap_alpha"] if k not in names]
+    fig, ax = plt.subplots(figsize=(7.5, 4.0))
+    epochs = [m["epoch"] + 1 for m in recs]
+    for k in names:
+        ax.plot(epochs, [m["ltap_alpha"].get(k, float("nan")) for m in recs], marker="o", ms=3, lw=1.3, label=k)
+    for j, m in enumerate(x for x in run.metrics if isinstance(x.get("pruning_stage"), dict)):
+        ax.axvline(m["epoch"] + 1, color="gray", ls="--", lw=0.8, label="pruning stage" if j == 0 else None)
+    ax.set_xlabel("epoch (one LT-Vote round per epoch)")
+    ax.set_ylabel("criterion weight α (fraction, sums to 1)")
+    ax.set_title(f"LT-Vote criterion weights: {run.label}", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def acc_vs_macs(runs, path: Path) -> Path | None:
+    """All and Tail accuracy against deployed MACs (millions), one point pair per run."""
+    usable = [r for r in runs if r.macs]
+    if not usable:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 5.0))
+    for i, r in enumerate(usable):
+        color = f"C{i % 10}"
+        ax.scatter([r.macs / 1e6], [r.acc["all"]], color=color, marker="o", s=40, label=f"{r.label}")
+        if r.acc.get("few") is not None:
+            ax.scatter([r.macs / 1e6], [r.acc["few"]], color=color, marker="v", s=30)
+    ax.scatter([], [], color="gray", marker="o", label="All accuracy")
+    ax.scatter([], [], color="gray", marker="v", label="Tail (few) accuracy")
+    dense = sorted({r.macs_dense for r in usable if r.macs_dense})
+    for j, m in enumerate(dense):
+        ax.axvline(m / 1e6, color="gray", ls=":", lw=1, label="dense model MACs" if j == 0 else None)
+    right = max([r.macs for r in usable] + dense) / 1e6
+    ax.set_xlabel("MACs per image (millions)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Accuracy vs compute")
+    ax.grid(True, alpha=0.3)
+    ax.set_xlim(0, right * 1.08)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
+    return _save(fig, path)

@@ -1,0 +1,191 @@
+"""`tailwise report`: paper-layout table numbers, CSV round trip, bad runs, plots, HTML (synthetic run dirs)."""
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tailwise.cli import main
+from tailwise.eval.report import build_report, read_csv, table_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+COUNTS = [500, 300, 180, 108, 65, 39, 23, 14, 8, 5]
+CRITERIA = ["magnitude", "avg_magnitude", "cosine_similarity", "taylor_first_order", "taylor_second_order"]
+DENSE = {"conv1": 16, "layer1.0.conv1": 16, "layer1.0.conv2": 16, "layer2.0.conv1": 32, "layer2.0.conv2": 32}
+
+
+def make_run(path: Path, *, loss="balanced_softmax", method="none", acc=(60.0, 50.0, 40.0, 50.0), F=100.0,
+             seed=0, epochs=6, ltap=False, arch=True) -> Path:
+    """A run directory with the documented files: result.json, metrics.jsonl, model/arch.json."""
+    path.mkdir(parents=True)
+    many, medium, few, all_ = acc
+    macs_dense = 1_000_000
+    per_class = [many + 1, many - 1, many, many, medium + 2, medium - 2, medium, few + 3, few - 3, few]
+    pruned = method != "none"
+    m = {"name": method}
+    if pruned:
+        m.update(target_params=0.3, stages=2, vote="uniform" if method == "ltap" else None)
+    result = {
+        "dataset": {"name": "synthetic", "imbalance_ratio": 100.0, "num_classes": 10, "train_size": sum(COUNTS),
+                    "class_counts": COUNTS},
+        "groups": {"many": 3, "medium": 4, "few": 3, "thresholds": [100, 20], "rule": "thresholds"},
+        "accuracy": {"all": all_, "many": many, "medium": medium, "few": few, "balanced": all_, "per_class": per_class},
+        "selection": "last",
+        "cost": {"params": int(1000 * F), "macs": int(macs_dense * F / 100), "params_dense": 100000,
+                 "macs_dense": macs_dense, "F": F},
+        "method": m, "loss": loss, "model": "resnet20", "epochs": epochs, "seed": seed, "time_s": 1.0,
+        "versions": {}}
+    (path / "result.json").write_text(json.dumps(result))
+    live = dict(DENSE)
+    lines = []
+    for e in range(epochs):
+        rec = {"epoch": e, "lr": 0.1, "train_loss": 1.0 / (e + 1),
+               "val": {"all": 20 + 5 * e, "many": 30 + 5 * e, "medium": 20 + 5 * e, "few": 10 + 5 * e,
+                       "per_class": [20.0] * 10},
+               "active_params": 100000, "active_macs": macs_dense, "live_channels": dict(live)}
+        if pruned and e in (2, 4):
+            live = {k: max(1, v // 2) for k, v in live.items()}
+            rec["pruning_stage"] = {"stage": 1 if e == 2 else 2, "epoch": e, "removed_channels": 10}
+            rec["live_channels"] = dict(live)
+        if pruned and e >= 2:
+            rec["active_macs"] = int(macs_dense * F / 100)
+        if ltap:
+            w = [0.2 + 0.01 * e * (i - 2) for i in range(5)]
+            rec["ltap_alpha"] = {c: v / sum(w) for c, v in zip(CRITERIA, w)}
+        lines.append(json.dumps(rec))
+    (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    if arch and pruned:
+        (path / "model").mkdir()
+        chans = {k: [3 if k == "conv1" else 8, v] for k, v in live.items()}
+        chans["fc"] = [16, 10]
+        (path / "model" / "arch.json").write_text(json.dumps({"format": 1, "channels": chans}))
+    return path
+
+
+@pytest.fixture
+def runs(tmp_path):
+    r = tmp_path / "runs"
+    return {
+        "bs": make_run(r / "bs", acc=(62.6, 48.5, 27.0, 47.2)),
+        "bs_ltap": make_run(r / "bs_ltap", method="ltap", acc=(55.8, 44.7, 23.2, 42.4), F=22.6, ltap=True),
+        "bs_mag": make_run(r / "bs_mag", method="magnitude", acc=(50.1, 40.2, 20.3, 38.8), F=30.0, arch=False),
+        "ldam": make_run(r / "ldam", loss="ldam_drw", acc=(65.1, 48.1, 20.1, 45.8)),
+        "ldam_ltap": make_run(r / "ldam_ltap", loss="ldam_drw", method="ltap", acc=(56.9, 40.2, 18.8, 39.8), F=24.8),
+        "ce_ltap": make_run(r / "ce_ltap", loss="ce", method="ltap", acc=(50.0, 30.0, 10.0, 30.0), F=25.0),
+    }
+
+
+def _rows_by_run(report):
+    return {Path(row["run"]).name: row for row in table_rows(report["runs"])}
+
+
+def test_table_numbers_match_result_json_and_hand_computed_C(runs, tmp_path):
+    report = build_report(list(runs.values()), tmp_path / "out")
+    rows = _rows_by_run(report)
+    for name, d in runs.items():
+        res = json.loads((d / "result.json").read_text())
+        row = rows[name]
+        assert (row["head"], row["medium"], row["tail"], row["all"]) == (
+            res["accuracy"]["many"], res["accuracy"]["medium"], res["accuracy"]["few"], res["accuracy"]["all"])
+        assert row["F"] == res["cost"]["F"]
+    # C = 100 * All / All(dense baseline of the same loss); C/F = C / F (hand-computed)
+    assert rows["bs"]["C"] == pytest.approx(100.0) and rows["bs"]["C_over_F"] == pytest.approx(1.0)
+    assert rows["bs_ltap"]["C"] == pytest.approx(100 * 42.4 / 47.2)  # 89.83 (paper: 89.8)
+    assert rows["bs_ltap"]["C_over_F"] == pytest.approx(89.83050847 / 22.6)  # 3.97 (paper: 3.9)
+    assert rows["bs_mag"]["C"] == pytest.approx(100 * 38.8 / 47.2)
+    assert rows["ldam_ltap"]["C"] == pytest.approx(100 * 39.8 / 45.8)  # its own loss's baseline, not BS
+    assert rows["ldam_ltap"]["baseline"] == str(runs["ldam"])
+    assert rows["ce_ltap"]["C"] is None and rows["ce_ltap"]["C_over_F"] is None  # no dense CE run: blank
+    md = (tmp_path / "out" / "table.md").read_text()
+    line = next(ln for ln in md.splitlines() if ln.startswith("| BS + LTAP"))
+    assert [c.strip() for c in line.split("|")[2:-1]] == ["22.6", "55.8", "44.7", "23.2", "42.4", "89.8", "3.97"]
+    ce_line = next(ln for ln in md.splitlines() if ln.startswith("| CE + LTAP"))
+    assert [c.strip() for c in ce_line.split("|")[-3:-1]] == ["", ""]
+    assert "BS + LTAP (w.o. vote, params 30%, 2 stages, 6 ep)" in md
+    assert "Head/Medium/Tail = 3/4/3 classes" in md and "many > 100" in md
+    # baselines lead their block
+    names = [Path(r["run"]).name for r in table_rows(report["runs"])]
+    assert names.index("bs") < names.index("bs_ltap") and names.index("ldam") < names.index("ldam_ltap")
+
+
+def test_explicit_baseline_applies_to_every_row(runs, tmp_path):
+    report = build_report([runs["bs_ltap"], runs["ce_ltap"]], tmp_path / "out", baseline=runs["ldam"])
+    rows = _rows_by_run(report)
+    assert set(rows) == {"ldam", "bs_ltap", "ce_ltap"}
+    assert rows["ce_ltap"]["C"] == pytest.approx(100 * 30.0 / 45.8)
+    assert rows["ce_ltap"]["C_over_F"] == pytest.approx(100 * 30.0 / 45.8 / 25.0)
+    assert rows["ldam"]["C"] == pytest.approx(100.0)
+
+
+def test_csv_round_trip(runs, tmp_path):
+    report = build_report(list(runs.values()), tmp_path / "out")
+    assert read_csv(tmp_path / "out" / "table.csv") == table_rows(report["runs"])
+
+
+def test_missing_and_malformed_result_json_are_named_and_skipped(runs, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(runs["bs_ltap"], bad)
+    (bad / "result.json").write_text('{"accuracy": {"all": 4')  # truncated
+    missing = tmp_path / "missing"
+    shutil.copytree(runs["bs"], missing)
+    (missing / "result.json").unlink()
+    noacc = tmp_path / "noacc"
+    noacc.mkdir()
+    (noacc / "result.json").write_text(json.dumps({"cost": {"macs": 1}}))
+    out = tmp_path / "out"
+    rc = main(["report", str(runs["bs"]), str(bad), str(missing), str(noacc), str(runs["bs_ltap"]), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 0
+    assert f"warning: skipping {bad / 'result.json'}: malformed JSON" in err
+    assert f"warning: skipping {missing}: no result.json (unfinished: metrics.jsonl has 6 epochs)" in err
+    assert f"{noacc / 'result.json'}: malformed (no numeric accuracy.all)" in err
+    assert len(read_csv(out / "table.csv")) == 2
+    assert "Skipped runs" in (out / "report.html").read_text()
+
+    rc = main(["report", str(bad), str(missing), "--out", str(tmp_path / "out2")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: no usable run" in err and str(bad) in err and "Traceback" not in err
+
+
+def test_every_plot_written_and_html_self_contained(runs, tmp_path):
+    out = tmp_path / "out"
+    report = build_report(list(runs.values()), out)
+    plots = sorted(p.name for p in (out / "plots").iterdir())
+    expected = {"per_class_vs_count.png", "group_bars.png", "acc_vs_macs.png"}
+    assert expected <= set(plots)
+    assert sum(p.startswith("dynamics_") for p in plots) == len(runs)
+    assert sum(p.startswith("channels_") for p in plots) == 4  # the pruned runs (bs_mag from live_channels only)
+    assert [p for p in plots if p.startswith("ltap_alpha_")] and len([p for p in plots if "ltap_alpha" in p]) == 1
+    for p in (out / "plots").iterdir():
+        data = p.read_bytes()
+        assert len(data) > 1000 and data.startswith(PNG), p
+    assert {p.name for _, p in report["plots"]} == set(plots)
+
+    page = (out / "report.html").read_text()
+    assert '<table class="paper" id="results">' in page and "C/F" in page and "42.4" in page
+    uris = re.findall(r'<img src="data:image/png;base64,([^"]+)"', page)
+    assert len(uris) == len(plots) and all(base64.b64decode(u).startswith(PNG) for u in uris)
+    assert "plots/" not in page  # nothing referenced outside the page
+
+    spec = importlib.util.spec_from_file_location("check_report_html", ROOT / "benchmarks" / "check_report_html.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    assert check.static_checks(check.parse(page)) == []
+    assert check.static_checks(check.parse(page.replace("data:image/png;base64,", "data:image/png;base64,xx", 1)))
+
+
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="needs Chromium (apt-get install -y chromium)")
+def test_html_renders_in_chromium(runs, tmp_path):
+    out = tmp_path / "out"
+    build_report([runs["bs"], runs["bs_ltap"]], out)
+    spec = importlib.util.spec_from_file_location("check_report_html", ROOT / "benchmarks" / "check_report_html.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    assert check.main([str(out)]) == 0
+    assert (out / "report_screenshot.png").read_bytes().startswith(PNG)

@@ -13,6 +13,8 @@ from tailwise.errors import ConfigError
 from tailwise.methods.decoupled import (Decoupled, DecoupledOptions, Stage, compensation_loss, cubic_ratio,
                                         reversed_frequency, select_pruned, stage_alpha, stage_epochs, stage_lr)
 
+from test_engine import stop_after, trainer_for
+
 
 def do_config(epochs: int = 8, **method) -> dict:
     return {
@@ -27,10 +29,7 @@ def do_config(epochs: int = 8, **method) -> dict:
 
 
 def make(tmp_path, name="run", epochs=8, **method) -> Trainer:
-    cfg = config_from_dict(do_config(epochs, **method))
-    out = tmp_path / name
-    prepare_run_dir(cfg, out)
-    return Trainer(cfg, out, log=lambda msg: None)
+    return trainer_for(do_config(epochs, **method), tmp_path / name)
 
 
 # ------------------------------------------------------------------------------------------------ pure pieces
@@ -188,14 +187,7 @@ def test_resume_mid_stage_equals_uninterrupted(tmp_path, full_run):
     first = make(tmp_path)
     steps_per_epoch = len(first.train_loader)
     stop = 5 * steps_per_epoch + 2  # mid-epoch 5: stage 2, after the first decoupling
-    hook = first.method.after_step
-
-    def after_step(ctx):
-        hook(ctx)
-        if ctx.step + 1 == stop:
-            first._stop_signal = 2
-
-    first.method.after_step = after_step
+    stop_after(first, stop)
     with pytest.raises(Interrupted):
         first.fit()
     resumed = Trainer(first.cfg, first.out, log=lambda msg: None)

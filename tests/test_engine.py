@@ -28,11 +28,15 @@ def tiny_config(**train) -> dict:
     }
 
 
-def make_trainer(tmp_path, name="run", **train) -> Trainer:
-    cfg = config_from_dict(tiny_config(**train))
-    out = tmp_path / name
+def trainer_for(raw: dict, out) -> Trainer:
+    """A Trainer for the raw recipe ``raw`` in a fresh run directory ``out``."""
+    cfg = config_from_dict(raw)
     prepare_run_dir(cfg, out)
     return Trainer(cfg, out, log=lambda msg: None)
+
+
+def make_trainer(tmp_path, name="run", **train) -> Trainer:
+    return trainer_for(tiny_config(**train), tmp_path / name)
 
 
 def weights(trainer: Trainer) -> dict:

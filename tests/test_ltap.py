@@ -20,7 +20,7 @@ from tailwise.methods.ltap import (CRITERIA, PUBLIC_CODE_WEIGHTS, ChannelLayout,
 from tailwise.methods.pruning import per_channel_sums
 from tailwise.recipes import list_recipes
 
-from test_engine import stop_after, tiny_config
+from test_engine import stop_after, tiny_config, trainer_for
 
 
 # ------------------------------------------------------------------------------------------------ criteria
@@ -382,10 +382,7 @@ def make(tmp_path, name="run", drop=(), **method) -> Trainer:
     raw = ltap_config(**method)
     for key in drop:  # leave a key to its default
         del raw["method"][key]
-    cfg = config_from_dict(raw)
-    out = tmp_path / name
-    prepare_run_dir(cfg, out)
-    return Trainer(cfg, out, log=lambda msg: None)
+    return trainer_for(raw, tmp_path / name)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from tailwise.methods.more import (MergeError, MoreOptions, MoreRebalancing, che
 from tailwise.models import build_model
 from tailwise.recipes import find_recipe
 
-from test_engine import stop_after, tiny_config
+from test_engine import stop_after, tiny_config, trainer_for
 
 
 def lowrank_model(name="resnet20", num_classes=4, seed=0, randomize_b=False, **kw):
@@ -249,10 +249,7 @@ def more_config(**method):
 
 
 def make_more_trainer(tmp_path, name="run", raw=None) -> Trainer:
-    cfg = config_from_dict(raw or more_config())
-    out = tmp_path / name
-    prepare_run_dir(cfg, out)
-    return Trainer(cfg, out, log=lambda msg: None)
+    return trainer_for(raw or more_config(), tmp_path / name)
 
 
 @pytest.fixture(scope="module")

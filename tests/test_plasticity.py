@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from tailwise.config import config_from_dict
-from tailwise.engine.trainer import Interrupted, Trainer, prepare_run_dir
+from tailwise.engine.trainer import Interrupted, Trainer
 from tailwise.methods import build_method, validate_method_config
 from tailwise.methods.plasticity import Plasticity, class_weights
 
-from test_engine import stop_after, tiny_config, weights
+from test_engine import stop_after, tiny_config, trainer_for, weights
 
 
 def plasticity_config(**method) -> dict:
@@ -24,10 +24,7 @@ def plasticity_config(**method) -> dict:
 
 
 def make(tmp_path, name="run", **method) -> Trainer:
-    cfg = config_from_dict(plasticity_config(**method))
-    out = tmp_path / name
-    prepare_run_dir(cfg, out)
-    return Trainer(cfg, out, log=lambda msg: None)
+    return trainer_for(plasticity_config(**method), tmp_path / name)
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> None:

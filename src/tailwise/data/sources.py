@@ -161,7 +161,8 @@ def read_image_folder(root, split: str, size: int | None = None, classes: list[s
         raise DataError(f"split '{split}' of {root} has class folders not in the training split: {unknown[:5]}")
     ordered = [f for c in names for f in sorted(by_class.get(c, []))]
     label_of = {c: i for i, c in enumerate(names)}
-    decoded = dict(zip(*_decode_all(tree.read(set(ordered)), size, progress)[::-1]))
+    arrays, decoded_files = _decode_all(tree.read(set(ordered)), size, progress)
+    decoded = dict(zip(decoded_files, arrays))  # archives yield members in archive order
     arrays = [decoded[f] for f in ordered]
     labels = np.array([label_of[f[len(prefix):].split("/")[0]] for f in ordered], dtype=np.int64)
     return RawSplit(_stack(arrays, ordered, size), labels, ordered, names)

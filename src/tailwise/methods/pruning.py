@@ -269,18 +269,19 @@ class TaylorPruning(StructuredPruning):
 
     name = "taylor"
     wants_gradients = True
+    window: list[torch.Tensor] | None = None  # per-group |<w, g>| sums of the current scoring window
 
     def accumulate(self, ctx) -> None:
         terms = per_channel_sums(self.groups, ctx.model,
                                  lambda t: t * t.grad if t.grad is not None else torch.zeros_like(t))
-        self.window = [a + t.abs() for a, t in zip(self.window, terms)] if getattr(self, "window", None) else [t.abs() for t in terms]
+        self.window = [a + t.abs() for a, t in zip(self.window, terms)] if self.window else [t.abs() for t in terms]
 
     def scores(self, ctx, epoch, val):
         scores, self.window = self.normalized(self.window), None
         return scores
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "window": getattr(self, "window", None)}
+        return {**super().state_dict(), "window": self.window}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)

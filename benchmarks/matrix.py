@@ -1,10 +1,12 @@
 """Run a list of recipes x seeds one after another: skip finished runs, resume interrupted ones.
 
     python benchmarks/matrix.py --out benchmarks/runs RECIPE[:key=value,...] ... [--seeds 0 1] [--set key=value ...]
+                                [--branch-from DENSE_RUN_DIR/checkpoints/epoch_099.pt]
 
 Each run goes to ``<out>/<recipe>_s<seed>`` (plus a tag for per-recipe overrides). A run whose ``result.json``
 exists is skipped; one with ``checkpoints/last.pt`` is resumed; otherwise it starts. Runs execute in this process
-one at a time (two at once halve each other's speed on 2 cores).
+one at a time (two at once halve each other's speed on 2 cores). ``--branch-from`` starts every new run from a
+plain run's checkpoint (``tailwise run --branch-from``; seed 0 only, the checkpoint's seed).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="benchmarks/runs")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--set", nargs="*", default=[], help="overrides applied to every run")
+    ap.add_argument("--branch-from", metavar="CHECKPOINT", help="start new runs from this plain run's checkpoint")
     args = ap.parse_args(argv)
     failures = 0
     for spec in args.recipes:
@@ -42,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
                        *[kv for kv in args.set if kv.split("=", 1)[0] in RESUME_OVERRIDES]]
             else:
                 cmd = [sys.executable, "-m", "tailwise", "run", recipe, f"run.seed={seed}", *args.set, *extra, "--out", str(out)]
+                if args.branch_from:
+                    cmd += ["--branch-from", args.branch_from]
             print(f"[matrix] {' '.join(cmd)}", flush=True)
             code = subprocess.call(cmd)
             if code != 0:

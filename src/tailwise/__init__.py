@@ -9,11 +9,12 @@ def load_model(path, device="cpu"):
     return _load(path, device)
 
 
-def run(recipe, overrides=(), out=None, resume=False):
+def run(recipe, overrides=(), out=None, resume=False, branch_from=None):
     """Train and evaluate one run (like ``tailwise run``); returns the ``result.json`` record.
 
     ``recipe`` is a YAML path or a bundled recipe name, ``overrides`` a list of ``section.key=value`` strings,
-    ``out`` the run directory (default ``runs/<recipe>-<timestamp>``); ``resume=True`` continues ``out``.
+    ``out`` the run directory (default ``runs/<recipe>-<timestamp>``); ``resume=True`` continues ``out``;
+    ``branch_from`` a plain run's end-of-epoch checkpoint to start from (:mod:`tailwise.engine.branch`).
     """
     import time
     from pathlib import Path
@@ -31,6 +32,14 @@ def run(recipe, overrides=(), out=None, resume=False):
     trainer = Trainer(cfg, out)
     if resume:
         trainer.resume()
+    elif branch_from is not None:
+        try:
+            trainer.branch(branch_from)
+        except BaseException:  # nothing half-written: the new run directory goes again
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+            raise
     return trainer.fit()
 
 

@@ -1,6 +1,6 @@
 """The ``tailwise`` command.
 
-    tailwise run RECIPE.yaml [key=value ...] [--out DIR] [--resume DIR]
+    tailwise run RECIPE.yaml [key=value ...] [--out DIR] [--resume DIR] [--branch-from CHECKPOINT]
     tailwise demo [--out DIR] [--epochs N]
     tailwise eval RUN_DIR [--json]
     tailwise data inspect [RECIPE.yaml] [key=value ...] [--json]
@@ -61,8 +61,10 @@ def cmd_run(ns) -> int:
                                 f"overrides other than {', '.join(RESUME_OVERRIDES)} (they do not change results)")
     elif recipe is None:
         raise TailwiseError("tailwise run needs a recipe (a YAML file or a name from `tailwise recipes`)")
+    if ns.resume and ns.branch_from:
+        raise TailwiseError("--branch-from starts a new run; it cannot be combined with --resume")
     out = ns.resume or ns.out or f"runs/{Path(recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    result = run(recipe, overrides, out, resume=bool(ns.resume))
+    result = run(recipe, overrides, out, resume=bool(ns.resume), branch_from=ns.branch_from)
     print(_table(result))
     print(f"run directory: {out}")
     return 0
@@ -170,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs="*", help="RECIPE.yaml (or bundled name) then key=value overrides, e.g. train.epochs=20")
     p.add_argument("--out", help="run directory (default runs/<recipe>-<timestamp>)")
     p.add_argument("--resume", metavar="DIR", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--branch-from", metavar="CHECKPOINT",
+                   help="start from a plain run's end-of-epoch checkpoint (same data/model/loss/train/seed) instead of "
+                        "epoch 0; allowed up to the method's first active epoch (pruning: its first scoring window)")
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("demo", help="train on the embedded CIFAR-10-LT demo data and print the per-group table")
     p.add_argument("--out", help="run directory (default runs/demo-<timestamp>)")

@@ -33,6 +33,7 @@ from ..eval.evaluate import evaluate_split
 from ..losses import build_loss
 from ..methods import Method, build_method
 from ..models import build_model
+from .branch import copy_source_metrics, load_branch_point, read_branch_record, write_branch_record
 from .checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 from .log import MetricsLog, format_groups, progress_mode
 from .schedule import LRSchedule
@@ -180,6 +181,22 @@ class Trainer:
         _resize_to(self.ctx.model, state["model"])
         self.ctx.model.to(self.device)
         self.method.load_state_dict(state["method"])
+        self._load_training_state(state)
+        self.log(f"resumed {self.out} at epoch {self.start_epoch}"
+                 + (f", batch {self.train_loader.position}" if self.train_loader.position else ""))
+
+    def branch(self, checkpoint: str | Path) -> None:
+        """Start from a plain run's end-of-epoch checkpoint (:mod:`.branch`); the method keeps its fresh state
+        and best-on-validation considers only this run's epochs."""
+        state, record = load_branch_point(checkpoint, self.cfg, self.method.first_active_epoch())
+        self._load_training_state(state)
+        self.best = None
+        copy_source_metrics(Path(record["source"]), self.metrics.path, self.start_epoch)
+        write_branch_record(self.out, record)
+        self.log(f"branched {self.out} from {checkpoint} at epoch {self.start_epoch}")
+
+    def _load_training_state(self, state: dict) -> None:
+        """Model weights, optimizer, scaler, sampler, RNG, counters and normalisation from a checkpoint."""
         self.ctx.model.load_state_dict(state["model"])
         self.ctx.rebuild_optimizer()
         self.ctx.optimizer.load_state_dict(state["optimizer"])
@@ -192,8 +209,6 @@ class Trainer:
             self.mean, self.std = state["normalization"]["mean"], state["normalization"]["std"]
             self.train_loader.set_normalization(self.mean, self.std)
         self.metrics.truncate_after(self.start_epoch)
-        self.log(f"resumed {self.out} at epoch {self.start_epoch}"
-                 + (f", batch {self.train_loader.position}" if self.train_loader.position else ""))
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
@@ -276,7 +291,7 @@ class Trainer:
                 self.elapsed += time.perf_counter() - start
                 record["time_s"] = round(time.perf_counter() - start, 3)
                 self.metrics.write(record)
-                if val is not None and cfg.run.keep_best and (self.best is None or val["balanced"] > self.best["val"]["balanced"]):
+                if val is not None and cfg.run.keep_best and self.method.selectable(epoch) and (self.best is None or val["balanced"] > self.best["val"]["balanced"]):
                     self.best = {"epoch": epoch, "val": {k: v for k, v in val.items() if k != "per_class"}}
                     save_checkpoint(self.out / "checkpoints" / "best.pt",
                                     {"model": self.ctx.model.state_dict(), "method": self.method.state_dict(), "epoch": epoch})
@@ -340,6 +355,9 @@ class Trainer:
         }
         if best is not None:
             result["best_on_val"] = best
+        branched = read_branch_record(self.out)
+        if branched is not None:
+            result["branched_from"] = branched
         atomic_write_json(self.out / "result.json", result)
         return result
 

@@ -55,6 +55,17 @@ class Method:
     def predict(self, ctx, x: torch.Tensor) -> torch.Tensor:
         return ctx.model(x)
 
+    def first_active_epoch(self) -> int:
+        """The first (0-based) epoch in which the method changes or observes training; before it, a run with
+        this method equals the plain run bit for bit, so it may branch from the plain run's checkpoint
+        (:mod:`tailwise.engine.branch`). Conservatively 0: active from the start."""
+        return 0
+
+    def selectable(self, epoch: int) -> bool:
+        """Whether the model at the end of ``epoch`` may be chosen as best-on-validation (a pruning method:
+        only once its final budget is in force)."""
+        return True
+
     def finalize(self, ctx) -> nn.Module:
         """Return the deployable model (physically compressed, merged, ...)."""
         return ctx.model

@@ -92,6 +92,14 @@ class StructuredPruning(Method):
         """Epoch ``epoch`` (0-based) is the one right before a stage."""
         return (epoch + 1) in self.stage_epochs
 
+    def first_active_epoch(self) -> int:
+        """The epoch ending with the first stage (its scores are taken then); masks are all-ones before it."""
+        return self.options.start_epoch - 1
+
+    def selectable(self, epoch: int) -> bool:
+        """Only models at the final budget compete for best-on-validation."""
+        return epoch + 1 >= self.stage_epochs[-1] and not self.masks.decays
+
     # ---------------------------------------------------------------------------------------------- hooks
     def after_backward(self, ctx) -> None:
         self.masks.enforce_grads()

@@ -147,6 +147,10 @@ class LTAPPruning(StructuredPruning):
         """Epoch ``epoch`` (0-based) is one of the ``score_window`` epochs that end with a stage."""
         return any(0 <= s - (epoch + 1) < self.options.score_window for s in self.stage_epochs)
 
+    def first_active_epoch(self) -> int:
+        """The first epoch of the first scoring window (LT-Vote's reference round closes at the first stage)."""
+        return self.options.start_epoch - self.options.score_window
+
     # ---------------------------------------------------------------------------------------------- weights
     def alpha(self) -> dict[str, float]:
         """The criterion weights in force (sum 1; 0 for a suppressed or unselected criterion)."""

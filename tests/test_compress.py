@@ -545,3 +545,24 @@ def test_cost_accepts_an_input_size():
 
     model = build_model("resnet20", 10)
     assert cost(model, (3, 32, 32)) == cost(model, torch.zeros(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet18"])
+def test_drop_pruned_entries_lines_up_with_the_compressed_parameters(name):
+    """Slicing any same-shaped tensors (momentum buffers) by the masks gives exactly what Torch-Pruning leaves
+    of the parameters themselves, entry for entry."""
+    from tailwise.compress.slim import drop_pruned_entries
+
+    model = make(name)
+    masks = ChannelMasks(model, groups_of(model))
+    random_prune(masks, seed=3)
+    slim = compress(model, masks, torch.randn(CIFAR))
+    sliced = drop_pruned_entries(masks, dict(model.named_parameters()))
+    small = dict(slim.named_parameters())
+    assert set(sliced) == set(small)
+    changed = 0
+    for key, value in small.items():
+        assert sliced[key].shape == value.shape, key
+        assert torch.equal(sliced[key], value), key
+        changed += sliced[key].shape != dict(model.named_parameters())[key].shape
+    assert changed > 10

@@ -270,11 +270,12 @@ def test_taylor_and_random_runs(tmp_path):
         assert c["params"] <= 0.5 * c["params_dense"] and len(t.result["method"]["history"]) == 1
         assert sum(p.numel() for p in tailwise.load_model(t.out).parameters()) == c["params"]
     assert taylor.method.window is None
-    assert all(torch.equal(a, b) for a, b in zip(first.method.masks.keep, again.method.masks.keep))
+    assert all(t.method.shrunk for t in (taylor, first, again, other))  # the surviving channels: ``kept``
+    assert all(torch.equal(a, b) for a, b in zip(first.method.kept, again.method.kept))
     assert first.result["cost"] == again.result["cost"]
-    assert not all(torch.equal(a, b) for a, b in zip(first.method.masks.keep, other.method.masks.keep))
+    assert not all(torch.equal(a, b) for a, b in zip(first.method.kept, other.method.kept))
     # taylor and random choose differently
-    assert not all(torch.equal(a, b) for a, b in zip(first.method.masks.keep, taylor.method.masks.keep))
+    assert not all(torch.equal(a, b) for a, b in zip(first.method.kept, taylor.method.kept))
 
 
 # --------------------------------------------------------------------------------------------------- resume
@@ -306,6 +307,7 @@ def test_resume_across_a_stage_equals_uninterrupted(tmp_path, case):
     resumed.resume()
     assert resumed.start_epoch == 1
     result = resumed.fit()
+    assert resumed.method.shrunk == (method.get("zeroing") != "progressive")  # the decay ends in the last epoch
 
     for key, value in weights(full).items():
         assert torch.equal(value, resumed.ctx.model.state_dict()[key]), key
@@ -380,3 +382,53 @@ def test_round_to_keeps_live_counts_multiples(tmp_path):
     live = [int(trainer.method.masks.live(i).sum()) for i in range(len(trainer.method.groups))]
     assert all(n % 8 == 0 and n >= 8 for n in live), live
     assert min(live) < 64  # something was pruned in whole runs of 8
+
+
+# --------------------------------------------------------------------------------------------------- shrink
+@pytest.fixture(scope="module")
+def shrink_pair(tmp_path_factory):
+    """The same run with fine-tuning on the compressed model (default) and on the masked model."""
+    root = tmp_path_factory.mktemp("shrink")
+    method = {"name": "magnitude", "target_params": 0.4}
+    return run(root, method, "shrunk", epochs=4), run(root, {**method, "shrink": False}, "masked", epochs=4)
+
+
+def test_shrunk_fine_tuning_equals_masked_fine_tuning(shrink_pair):
+    shrunk, masked = shrink_pair
+    assert shrunk.method.shrunk and not masked.method.shrunk
+    # during the last two epochs the trained model itself was the small one, its optimizer state too
+    n_params = sum(p.numel() for p in shrunk.ctx.model.parameters())
+    assert n_params == shrunk.result["cost"]["params"] < shrunk.result["cost"]["params_dense"]
+    for p in shrunk.ctx.model.parameters():
+        assert shrunk.ctx.optimizer.state[p]["momentum_buffer"].shape == p.shape
+    # the same function as the masked run (up to float summation order), the same masks, the same report
+    assert all(torch.equal(a, b) for a, b in zip(shrunk.method.kept, masked.method.masks.keep))
+    small, reference = tailwise.load_model(shrunk.out), tailwise.load_model(masked.out)
+    for (k, v), (k2, v2) in zip(small.state_dict().items(), reference.state_dict().items()):
+        assert k == k2 and v.shape == v2.shape, k
+        assert torch.allclose(v.float(), v2.float(), rtol=1e-3, atol=1e-5), k
+    records = lambda t: [(r["active_params"], r["active_macs"], r["live_channels"]) for r in t.metrics.records()]  # noqa: E731
+    assert records(shrunk) == records(masked)
+    assert shrunk.result["cost"] == masked.result["cost"]
+    assert shrunk.result["method"]["channels"] == masked.result["method"]["channels"] == RESNET20_CHANNELS
+    # best-on-val only among the compressed epochs (stages after epochs 1 and 2: shrink from epoch index 2)
+    assert shrunk.result["best_on_val"]["epoch"] >= 2 and masked.result["best_on_val"]["epoch"] >= 1
+
+
+def test_resume_after_the_shrink_equals_uninterrupted(tmp_path, shrink_pair):
+    full, _ = shrink_pair
+    cfg = config_from_dict(pruning_config({"name": "magnitude", "target_params": 0.4}, epochs=4))
+    out = tmp_path / "interrupted"
+    prepare_run_dir(cfg, out)
+    first = Trainer(cfg, out, log=lambda msg: None)
+    stop_after(first, 13)  # mid-epoch 2, the first epoch on the compressed model
+    with pytest.raises(Interrupted):
+        first.fit()
+    assert first.method.shrunk
+    resumed = Trainer(cfg, out, log=lambda msg: None)
+    resumed.resume()
+    assert resumed.method.shrunk and resumed.train_loader.position == 3
+    resumed.fit()
+    for key, value in weights(full).items():
+        assert torch.equal(value, resumed.ctx.model.state_dict()[key]), key
+    assert all(torch.equal(a, b) for a, b in zip(full.method.kept, resumed.method.kept))

@@ -71,3 +71,23 @@ def compress(model: nn.Module, masks: ChannelMasks, example: torch.Tensor, check
         raise CompressionError(f"compressed model differs from the masked model by {difference:.2e} (relative) > {rtol}")
     slim.compression_check = difference
     return slim
+
+
+def drop_pruned_entries(masks: ChannelMasks, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` maps ``"module.tensor"`` names of the masked model to tensors of those shapes (e.g. SGD
+    momentum buffers); returns them without the entries of pruned channels, as ``compress`` removes them from
+    the model, so they line up with the compressed model's parameters."""
+    dead: dict[str, dict[int, list[torch.Tensor]]] = {}
+    for group, keep in zip(masks.groups, masks.keep):
+        gone = ~keep
+        if gone.any():
+            for s in group.slices:
+                dead.setdefault(f"{s.module_name}.{s.tensor_name}", {}).setdefault(s.dim, []).append(s.index[gone])
+    out = {}
+    for name, tensor in tensors.items():
+        for dim, parts in dead.get(name, {}).items():
+            alive = torch.ones(tensor.shape[dim], dtype=torch.bool)
+            alive[torch.cat(parts)] = False
+            tensor = tensor.index_select(dim, alive.nonzero().flatten().to(tensor.device))
+        out[name] = tensor
+    return out

@@ -120,9 +120,7 @@ class Trainer:
         counts = d.class_counts
         self.loss_fn = build_loss(cfg.loss.name, counts, **cfg.loss.kwargs()).to(self.device)
         normed = cfg.model.normed_head if cfg.model.normed_head is not None else self.loss_fn.requires_normed_head
-        self.model = build_model(cfg.model.name, d.num_classes, normed_head=normed).to(self.device)
-        if t.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = self._place(build_model(cfg.model.name, d.num_classes, normed_head=normed))
         mean, std = channel_stats(d.train.images)
         self.mean, self.std = cfg.data.mean or mean, cfg.data.std or std
         self.optimizer = self.make_optimizer(self.model)
@@ -143,6 +141,11 @@ class Trainer:
         self.metrics = MetricsLog(self.out / "metrics.jsonl", self.out / "tensorboard" if cfg.run.tensorboard else None)
 
     # ---------------------------------------------------------------------------------------------- pieces
+    def _place(self, model: nn.Module) -> nn.Module:
+        """Move ``model`` to the run's device and memory format (in place; returned for convenience)."""
+        model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.cfg.train.channels_last else model
+
     def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         t = self.cfg.train
         return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
@@ -178,8 +181,8 @@ class Trainer:
         if not path.is_file():
             raise TrainingError(f"cannot resume: {path} does not exist (the run never finished an epoch)")
         state = load_checkpoint(path, "cpu")  # RNG states must stay on the CPU; load_state_dict moves the rest
-        _resize_to(self.ctx.model, state["model"])
-        self.ctx.model.to(self.device)
+        _resize_to(self.ctx.model, state["model"])  # a method may have changed layer shapes (shrink, growth)
+        self._place(self.ctx.model)
         self.method.load_state_dict(state["method"])
         self._load_training_state(state)
         self.log(f"resumed {self.out} at epoch {self.start_epoch}"
@@ -312,7 +315,7 @@ class Trainer:
         model = copy.deepcopy(current_model)
         _resize_to(model, best["model"])
         model.load_state_dict(best["model"])
-        self.ctx.model = model.to(self.device)
+        self.ctx.model = self._place(model)
         self.method.load_state_dict(best["method"])
         try:
             return {**self.best, "accuracy": self.evaluate("test")}

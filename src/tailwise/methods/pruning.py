@@ -9,6 +9,12 @@ parameters / MACs kept). Each stage removes the globally lowest-scoring live cha
 (``zeroing: hard``) or decayed over ``decay_steps`` optimizer steps (``progressive``). Fine-tuning continues
 to the end of training; ``finalize`` returns the physically compressed model.
 
+``shrink: true`` (default): once the final budget is in force (the epoch after the last stage, or after its
+decay), the pruned channels are removed physically (``compress``, with its masked == compressed check) and
+fine-tuning continues on the smaller model, with SGD momentum carried over sliced
+(:func:`~tailwise.compress.slim.drop_pruned_entries`): the same computation as masked fine-tuning up to
+floating-point summation order, at the smaller model's cost. ``shrink: false`` keeps training the masked model.
+
 Scores are computed by the subclass over the scoring window, the epoch before each stage.
 """
 from __future__ import annotations
@@ -21,8 +27,9 @@ import torch
 from ..compress.cost import count_macs, count_params
 from ..compress.groups import channel_groups
 from ..compress.masks import ChannelMasks
-from ..compress.slim import compress
-from ..errors import ConfigError
+from ..compress.slim import compress, drop_pruned_entries
+from ..deploy import _resize_to
+from ..errors import ConfigError, TrainingError
 from . import Method, register_method
 
 
@@ -39,6 +46,7 @@ class PruningOptions:
     decay_steps: int = 0  # progressive zeroing: optimizer steps per stage (0 = one epoch)
     normalize: str = "mean"  # baselines: divide each group's scores by their mean (none: raw global ranking)
     round_to: int = 1  # keep every group's live channel count a multiple of this (8 helps CPU/GPU kernels)
+    shrink: bool = True  # after the final stage, fine-tune the physically smaller model (False: the masked one)
 
 
 def check_pruning_options(o: PruningOptions, cfg) -> None:
@@ -73,6 +81,8 @@ class StructuredPruning(Method):
     def __init__(self, options: PruningOptions):
         super().__init__(options)
         self.history: list[dict] = []
+        self.shrunk = False  # the model was physically compressed; masks now cover the smaller model
+        self.kept: list[torch.Tensor] | None = None  # at the shrink: each dense group's surviving channels
 
     @classmethod
     def check_options(cls, options, cfg) -> None:
@@ -82,11 +92,16 @@ class StructuredPruning(Method):
     def setup(self, ctx) -> None:
         self.example = ctx.data.train.images[:1].float().to(ctx.device)
         self.model = ctx.model
-        self.groups = channel_groups(ctx.model, self.example, self.options.scope)
-        self.masks = ChannelMasks(ctx.model, self.groups)
+        self.build_structures(ctx.model)
         self.generator = torch.Generator().manual_seed(ctx.cfg.run.seed + 7)
         self.dense = {"params": count_params(ctx.model), "macs": count_macs(ctx.model, self.example)}
         self.stage_epochs = [self.options.start_epoch + k * self.options.stage_interval for k in range(self.options.stages)]
+        self.dense_channels = self.masks.num_channels()
+
+    def build_structures(self, model) -> None:
+        """Groups and all-live masks for ``model`` (at set-up, and again after the model was compressed)."""
+        self.groups = channel_groups(model, self.example, self.options.scope)
+        self.masks = ChannelMasks(model, self.groups)
 
     def in_scoring_window(self, epoch: int) -> bool:
         """Epoch ``epoch`` (0-based) is the one right before a stage."""
@@ -97,16 +112,26 @@ class StructuredPruning(Method):
         return self.options.start_epoch - 1
 
     def selectable(self, epoch: int) -> bool:
-        """Only models at the final budget compete for best-on-validation."""
+        """Only models at the final budget compete for best-on-validation (with ``shrink``: the smaller ones)."""
+        if self.options.shrink:
+            return self.shrunk
         return epoch + 1 >= self.stage_epochs[-1] and not self.masks.decays
 
     # ---------------------------------------------------------------------------------------------- hooks
+    def on_epoch_start(self, ctx, epoch: int) -> None:
+        if self.options.shrink and not self.shrunk and len(self.history) == self.options.stages and not self.masks.decays:
+            self.shrink(ctx)
+
     def after_backward(self, ctx) -> None:
+        if self.shrunk:  # nothing left to mask or score
+            return
         self.masks.enforce_grads()
         if self.wants_gradients and self.in_scoring_window(ctx.epoch):
             self.accumulate(ctx)
 
     def after_step(self, ctx) -> None:
+        if self.shrunk:
+            return
         self.masks.step_decay()
         self.masks.enforce_weights()
         self.masks.enforce_optimizer(ctx.optimizer)
@@ -213,25 +238,55 @@ class StructuredPruning(Method):
             return raw
         return [r / r.mean().clamp_min(1e-12) for r in raw]
 
+    # ------------------------------------------------------------------------------------------- compress
+    def _compressed(self, ctx):
+        """The physically compressed copy of ``ctx.model`` (checked against the masked model on real images)."""
+        batch = ctx.data.val if ctx.data.val is not None else ctx.data.test
+        real = ctx.trainer.train_loader.normalize(batch.images[:64])
+        return compress(ctx.model, self.masks, self.example, [real])
+
+    def shrink(self, ctx) -> None:
+        """Replace the masked model's layers by the compressed ones in place; carry momentum, sliced."""
+        model = ctx.model
+        slim = self._compressed(ctx)
+        names = {p: n for n, p in model.named_parameters()}
+        momentum = drop_pruned_entries(self.masks, {names[p]: st["momentum_buffer"] for p, st in ctx.optimizer.state.items()
+                                                    if st.get("momentum_buffer") is not None})
+        self.kept = [k.clone() for k in self.masks.keep]
+        state = slim.state_dict()
+        _resize_to(model, state)
+        model.load_state_dict(state)
+        ctx.trainer._place(model)
+        params = dict(model.named_parameters())
+        ctx.rebuild_optimizer({params[n]: {"momentum_buffer": torch.empty_like(params[n]).copy_(m)}
+                               for n, m in momentum.items()})
+        self.shrunk = True
+        self.build_structures(model)
+
     # -------------------------------------------------------------------------------------------- results
     def finalize(self, ctx):
         for d in self.masks.decays:  # training ended inside a decay: finish it at once
             self.masks.keep[d.group][d.channels] = False
         self.masks.decays = []
         self.masks.enforce_weights()
-        batch = ctx.data.val if ctx.data.val is not None else ctx.data.test
-        real = ctx.trainer.train_loader.normalize(batch.images[:64])
-        return compress(ctx.model, self.masks, self.example, [real])
+        return self._compressed(ctx)
 
     def describe(self) -> dict:
         return {**super().describe(), "stage_epochs": self.stage_epochs, "history": self.history,
-                "channels": self.masks.num_channels(), "live_channels": self.masks.num_live()}
+                "channels": self.dense_channels, "live_channels": self.masks.num_live(), "shrunk": self.shrunk}
 
     def state_dict(self) -> dict:
         return {"masks": self.masks.state_dict(), "history": list(self.history),
-                "generator": self.generator.get_state()}
+                "generator": self.generator.get_state(), "shrunk": self.shrunk, "kept": self.kept}
 
     def load_state_dict(self, state: dict) -> None:
+        saved_shrunk = state.get("shrunk", False)
+        if saved_shrunk and not self.shrunk:  # Trainer.resume resized the model to the saved shapes first
+            self.build_structures(self.model)
+        elif self.shrunk and not saved_shrunk:
+            raise TrainingError("a state from before the shrink cannot be restored onto the compressed model")
+        self.shrunk = saved_shrunk
+        self.kept = [k.cpu() for k in state["kept"]] if state.get("kept") is not None else None
         self.masks.load_state_dict(state["masks"])
         self.history = list(state["history"])
         self.generator.set_state(state["generator"].cpu())  # a CPU generator; checkpoints load to the run's device
@@ -278,6 +333,10 @@ class TaylorPruning(StructuredPruning):
     name = "taylor"
     wants_gradients = True
     window: list[torch.Tensor] | None = None  # per-group |<w, g>| sums of the current scoring window
+
+    def build_structures(self, model) -> None:
+        super().build_structures(model)
+        self.window = None
 
     def accumulate(self, ctx) -> None:
         terms = per_channel_sums(self.groups, ctx.model,

@@ -128,8 +128,6 @@ class LTAPPruning(StructuredPruning):
         super().setup(ctx)
         o = self.options
         self.device = ctx.device
-        self.layout = ChannelLayout(ctx.model, self.groups)
-        self.accumulator = CriteriaAccumulator(self.layout, self.computed, o.second_order)
         self.class_w = class_weights(ctx.data.class_counts, o.class_weights)
         self.membership = list(ctx.data.groups.membership)
         self.vote_split = ctx.cfg.data.val
@@ -142,6 +140,11 @@ class LTAPPruning(StructuredPruning):
             self.vote_epochs = self.stage_epochs + close
         else:
             self.vote_epochs = list(range(self.stage_epochs[0], (close or [last])[0] + 1))
+
+    def build_structures(self, model) -> None:
+        super().build_structures(model)
+        self.layout = ChannelLayout(model, self.groups)
+        self.accumulator = CriteriaAccumulator(self.layout, self.computed, self.options.second_order)
 
     def in_scoring_window(self, epoch: int) -> bool:
         """Epoch ``epoch`` (0-based) is one of the ``score_window`` epochs that end with a stage."""

@@ -411,6 +411,15 @@ def test_shrunk_fine_tuning_equals_masked_fine_tuning(shrink_pair):
     assert records(shrunk) == records(masked)
     assert shrunk.result["cost"] == masked.result["cost"]
     assert shrunk.result["method"]["channels"] == masked.result["method"]["channels"] == RESNET20_CHANNELS
+    # result.json's structure: every dense group with its kept indices, the same for both, matching the model
+    structure = shrunk.result["method"]["structure"]
+    assert structure == masked.result["method"]["structure"]
+    assert sum(g["size"] for g in structure) == RESNET20_CHANNELS
+    assert sum(len(g["kept"]) for g in structure) == live_channels_of(small)
+    for g, keep in zip(structure, masked.method.masks.keep):
+        assert g["kept"] == keep.nonzero().flatten().tolist()
+        for producer in g["producers"]:
+            assert small.get_submodule(producer).out_channels == len(g["kept"])
     # best-on-val only among the compressed epochs (stages after epochs 1 and 2: shrink from epoch index 2)
     assert shrunk.result["best_on_val"]["epoch"] >= 2 and masked.result["best_on_val"]["epoch"] >= 1
 

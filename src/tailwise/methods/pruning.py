@@ -97,6 +97,8 @@ class StructuredPruning(Method):
         self.dense = {"params": count_params(ctx.model), "macs": count_macs(ctx.model, self.example)}
         self.stage_epochs = [self.options.start_epoch + k * self.options.stage_interval for k in range(self.options.stages)]
         self.dense_channels = self.masks.num_channels()
+        self.dense_groups = [{"name": g.name, "kind": g.kind, "size": g.size, "producers": list(g.producers),
+                              "consumers": list(g.consumers)} for g in self.groups]
 
     def build_structures(self, model) -> None:
         """Groups and all-live masks for ``model`` (at set-up, and again after the model was compressed)."""
@@ -271,9 +273,18 @@ class StructuredPruning(Method):
         self.masks.enforce_weights()
         return self._compressed(ctx)
 
+    def kept_channels(self) -> list[torch.Tensor]:
+        """Per dense group, which of its channels survive (``kept`` after the shrink, else the masks)."""
+        return self.kept if self.shrunk else [self.masks.live(i) for i in range(len(self.groups))]
+
     def describe(self) -> dict:
+        """The record in ``result.json``; ``structure`` lists every dense group with the indices it keeps
+        (what the report's kernel-mask view draws)."""
+        structure = [{**g, "kept": keep.nonzero().flatten().tolist()}
+                     for g, keep in zip(self.dense_groups, self.kept_channels())]
         return {**super().describe(), "stage_epochs": self.stage_epochs, "history": self.history,
-                "channels": self.dense_channels, "live_channels": self.masks.num_live(), "shrunk": self.shrunk}
+                "channels": self.dense_channels, "live_channels": self.masks.num_live(), "shrunk": self.shrunk,
+                "structure": structure}
 
     def state_dict(self) -> dict:
         return {"masks": self.masks.state_dict(), "history": list(self.history),

@@ -189,3 +189,58 @@ def test_html_renders_in_chromium(runs, tmp_path):
     spec.loader.exec_module(check)
     assert check.main([str(out)]) == 0
     assert (out / "report_screenshot.png").read_bytes().startswith(PNG)
+
+
+# ------------------------------------------------------------------------------------------ kernel-mask view
+@pytest.fixture(scope="module")
+def pruned_run(tmp_path_factory):
+    """A real (tiny) magnitude-pruned run: result.json's structure plus the deployed weights."""
+    from test_engine import tiny_config, trainer_for
+
+    raw = tiny_config(epochs=3)
+    raw["method"] = {"name": "magnitude", "target_params": 0.4, "start_epoch": 1, "stages": 2, "stage_interval": 1}
+    trainer = trainer_for(raw, tmp_path_factory.mktemp("pruned") / "run")
+    trainer.fit()
+    return trainer.out
+
+
+def test_kernel_grid_marks_exactly_the_removed_kernels(pruned_run):
+    import numpy as np
+    import torch
+
+    import tailwise
+    from tailwise.eval.plots import kernel_grid
+
+    structure = json.loads((pruned_run / "result.json").read_text())["method"]["structure"]
+    model = tailwise.load_model(pruned_run)
+    weights = {k: v for k, v in model.state_dict().items()}
+    layer, grid = kernel_grid(structure, weights)
+    # the default layer keeps the smallest fraction of kernels among convs with grouped inputs and outputs
+    out_g = {p: g for g in structure for p in g["producers"]}
+    in_g = {c: g for g in structure for c in g["consumers"]}
+    both = [n for n in out_g if n in in_g and n != "fc"]
+    fractions = {n: len(out_g[n]["kept"]) * len(in_g[n]["kept"]) / (out_g[n]["size"] * in_g[n]["size"]) for n in both}
+    assert fractions[layer] == min(fractions.values()) < 1
+    o, i = out_g[layer], in_g[layer]
+    assert grid.shape == (o["size"], i["size"])
+    expected_kept = np.zeros(grid.shape, dtype=bool)
+    for a in o["kept"]:
+        for b in i["kept"]:
+            expected_kept[a, b] = True
+    assert (np.isfinite(grid) == expected_kept).all()
+    conv = model.get_submodule(layer).weight.detach()
+    for row, a in enumerate(o["kept"]):
+        for col, b in enumerate(i["kept"]):
+            assert grid[a, b] == pytest.approx(float(conv[row, col].norm()), rel=1e-5)
+    # an explicit layer, and one that is not a grouped conv
+    assert kernel_grid(structure, weights, "layer2.0.conv2")[0] == "layer2.0.conv2"
+    assert kernel_grid(structure, weights, "fc") is None
+    assert kernel_grid(structure, {k: torch.zeros(1, 1, 3, 3) for k in weights}, layer) is None
+
+
+def test_report_draws_the_kernel_mask_of_a_pruned_run(pruned_run, tmp_path):
+    report = build_report([pruned_run], tmp_path / "out")
+    kernels = [p for title, p in report["plots"] if title.startswith("Kernel mask")]
+    assert len(kernels) == 1 and kernels[0].read_bytes().startswith(PNG)
+    run = report["runs"][0]
+    assert run.dense_channels["layer3.0.conv1"] == 64 and run.live_channels["layer3.0.conv1"] < 64

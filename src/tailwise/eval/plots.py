@@ -131,6 +131,62 @@ def live_channels(run, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def kernel_grid(structure: list, weights: dict, layer: str | None = None):
+    """``(layer, grid)`` for the kernel-mask view: ``grid[o, i]`` is the L2 norm of the deployed kernel from
+    dense input channel ``i`` to dense output channel ``o`` of ``layer``, NaN where pruning removed it.
+
+    ``layer`` defaults to the conv whose input and output channels both belong to groups and that keeps the
+    smallest fraction of its kernels. Returns None when no such layer exists (or ``layer`` is not one).
+    """
+    import numpy as np
+
+    out_group = {p: g for g in structure for p in g.get("producers", [])}
+    in_group = {c: g for g in structure for c in g.get("consumers", [])}
+    candidates = [name for name in out_group if name in in_group and f"{name}.weight" in weights
+                  and weights[f"{name}.weight"].dim() == 4]
+    if layer is None:
+        def kept_fraction(name):
+            o, i = out_group[name], in_group[name]
+            return len(o["kept"]) * len(i["kept"]) / (o["size"] * i["size"]), layer_sort_key(name)
+
+        layer = min(candidates, key=kept_fraction, default=None)
+    if layer not in candidates:
+        return None
+    o, i = out_group[layer], in_group[layer]
+    w = weights[f"{layer}.weight"].float()
+    if tuple(w.shape[:2]) != (len(o["kept"]), len(i["kept"])):
+        return None  # weights and structure disagree (not the deployed model of this run)
+    grid = np.full((o["size"], i["size"]), np.nan)
+    grid[np.ix_(o["kept"], i["kept"])] = w.flatten(2).norm(dim=2).numpy()
+    return layer, grid
+
+
+def kernel_mask(run, path: Path, layer: str | None = None) -> Path | None:
+    """The kernel-mask view of one layer (like the LTAP paper's Figure 2): which kernels (output x input
+    channel) survive, coloured by their L2 norm in the deployed model; removed kernels grey."""
+    import numpy as np
+
+    weights_file = run.path / "model" / "weights.safetensors"
+    if not run.structure or not weights_file.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    found = kernel_grid(run.structure, load_file(str(weights_file)), layer)
+    if found is None:
+        return None
+    layer, grid = found
+    kept = int(np.isfinite(grid).sum())
+    fig, ax = plt.subplots(figsize=(6.4, 5.2))
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#d9d9d9")
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, aspect="auto", interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="kernel L2 norm (kept kernels)")
+    ax.set_xlabel(f"input channel of {layer} (dense index)")
+    ax.set_ylabel("output channel (dense index)")
+    ax.set_title(f"Kernel mask of {layer}: {kept} of {grid.size} kernels kept ({100 * kept / grid.size:.0f}%), "
+                 f"removed in grey\n{run.label}", fontsize=9)
+    return _save(fig, path)
+
+
 def ltap_alpha(run, path: Path) -> Path | None:
     """LT-Vote criterion weights alpha over epochs (one line per criterion), pruning stages marked."""
     recs = [m for m in run.metrics if isinstance(m.get("ltap_alpha"), dict) and m["ltap_alpha"]]

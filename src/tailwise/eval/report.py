@@ -139,8 +139,16 @@ class RunData:
         return {}
 
     @property
+    def structure(self) -> list | None:
+        """A pruning run's dense channel groups with the indices each keeps (``result.json`` method.structure)."""
+        value = self.method.get("structure")
+        return value if isinstance(value, list) and value else None
+
+    @property
     def dense_channels(self) -> dict:
-        """Dense widths: the first live_channels record (logged before any pruning)."""
+        """Dense widths: from ``structure``, else the first live_channels record (logged before any pruning)."""
+        if self.structure:
+            return {p: int(g["size"]) for g in self.structure for p in g.get("producers", [])}
         for m in self.metrics:
             if isinstance(m.get("live_channels"), dict):
                 return dict(m["live_channels"])
@@ -394,6 +402,7 @@ def make_plots(runs: list[RunData], plot_dir: Path) -> list[tuple[str, Path]]:
         add(f"Training dynamics: {r.label}", P.dynamics(r, plot_dir / f"dynamics_{s}.png"))
         if not r.is_dense:  # a dense run keeps every channel: nothing to show
             add(f"Live channels per layer: {r.label}", P.live_channels(r, plot_dir / f"channels_{s}.png"))
+            add(f"Kernel mask of one layer: {r.label}", P.kernel_mask(r, plot_dir / f"kernels_{s}.png"))
         add(f"LT-Vote criterion weights: {r.label}", P.ltap_alpha(r, plot_dir / f"ltap_alpha_{s}.png"))
     return out
 

@@ -110,6 +110,10 @@ def test_plan_sampler_and_config_checks(tmp_path):
         config_from_dict({**do_config(), "loss": {"name": "balanced_softmax"}})
     with pytest.raises(ConfigError):
         config_from_dict(do_config(8, stage_epochs=[4, 2, 1]))
+    with pytest.raises(ConfigError, match="no free parameters"):
+        config_from_dict(do_config(8, gamma=[0.0, 0.5]))
+    with pytest.raises(ConfigError, match="tta_floor"):
+        config_from_dict(do_config(8, aggregation="group", tta_floor=0.4))
     two = make(tmp_path, "two", 6, stages=2)
     assert [s.name for s in two.method.stages] == ["many", "few"]
     swapped = make(tmp_path, "swap", 8, order="many-few-medium")
@@ -200,7 +204,7 @@ def test_resume_mid_stage_equals_uninterrupted(tmp_path, full_run):
 
 
 def test_instance_aggregation_recovers_planted_submodel():
-    from tailwise.methods.decoupled import instance_weights
+    from tailwise.models.ensemble import instance_weights
 
     g = torch.Generator().manual_seed(0)
     t, b, k = 3, 64, 10
@@ -222,6 +226,70 @@ def test_instance_aggregation_recovers_planted_submodel():
         assert bool((lam >= 0.05 - 1e-6).all())
         assert float((lam.argmax(1) == planted).float().mean()) > 0.9
         assert int(lam.mean(0).argmax()) == planted
+
+
+def test_group_weights_find_the_stable_submodel_for_the_whole_set():
+    from tailwise.models.ensemble import group_weights
+
+    g = torch.Generator().manual_seed(1)
+    t, k = 3, 10
+
+    def batch(b, planted):
+        y = torch.randint(0, k, (b,), generator=g)
+
+        def stable():
+            z = torch.zeros(b, k)
+            z[torch.arange(b), y] = 3.0
+            return (z + 0.3 * torch.randn(b, k, generator=g)).softmax(1)
+
+        def unstable():
+            return (2.0 * torch.randn(b, k, generator=g)).softmax(1)
+
+        return (torch.stack([stable() if i == planted else unstable() for i in range(t)]),
+                torch.stack([stable() if i == planted else unstable() for i in range(t)]))
+
+    lam = group_weights([batch(32, 2), batch(20, 2)], steps=10, lr=1.0, floor=0.05)
+    assert lam.shape == (3,) and float(lam.sum()) == pytest.approx(1.0) and int(lam.argmax()) == 2
+    assert float(lam.min()) >= 0.05 - 1e-6
+
+
+@pytest.mark.parametrize("aggregation", ["instance", "group"])
+def test_deployed_ensemble_reproduces_the_reported_accuracy(tmp_path, aggregation):
+    """model/ holds every sub-model: tailwise eval (the loaded ensemble) gives result.json's accuracy."""
+    import tailwise
+    from tailwise.eval.evaluate import evaluate_run
+    from tailwise.models.ensemble import SubModelEnsemble
+
+    trainer = make(tmp_path, epochs=6, aggregation=aggregation, tta_steps=3)
+    result = trainer.fit()
+    model = tailwise.load_model(trainer.out)
+    assert isinstance(model, SubModelEnsemble) and len(model.members) == 3
+    assert evaluate_run(trainer.out) == result["accuracy"]
+    single = sum(p.numel() for p in model.members[0].parameters())
+    assert result["cost"]["params"] == 3 * single
+    # three passes; instance-level aggregation also runs both views through every sub-model
+    assert result["cost"]["F"] == (pytest.approx(300.0) if aggregation == "group" else pytest.approx(900.0, rel=0.01))
+    # the members are the sub-models: sub-model 1 keeps only stage 1's entries of the decoupled tensors
+    names = [n for n, _ in trainer.method.params]
+    sub1 = trainer.method.submodels[0]
+    for key, value in model.members[0].state_dict().items():
+        assert torch.equal(value.cpu(), sub1[key].cpu()), key
+    owner = dict(zip(names, trainer.method.owner))
+    for name in names:
+        assert torch.equal(model.members[0].state_dict()[name] != 0, (sub1[name] != 0))
+        assert not bool((sub1[name][owner[name].cpu() != 1] != 0).any())  # only stage 1's entries in sub-model 1
+    from tailwise.errors import TailwiseError
+    from tailwise.export import export_onnx
+
+    if aggregation == "group":
+        lam = result["method"]["final"]["group_lambda"]
+        assert len(lam) == 3 and sum(lam) == pytest.approx(1.0, abs=1e-5)
+        assert model.settings["group_lambda"] == lam
+        report = export_onnx(trainer.out)  # fixed weights: the ensemble exports, checked against onnxruntime
+        assert report["checked"] and report["max_abs_diff"] <= 1e-3
+    else:
+        with pytest.raises(TailwiseError, match="cannot be exported"):
+            export_onnx(trainer.out)
 
 
 def test_instance_aggregation_end_to_end(tmp_path):
@@ -248,7 +316,8 @@ def test_gamma_knee_and_sweep(tmp_path):
     result = trainer.fit()
     for row in result["method"]["stages_table"]:
         assert row["sweep"]["ratios"] == ratios and len(row["sweep"]["accuracy"]) == 10
-        assert row["gamma"] == knee(ratios, row["sweep"]["accuracy"])
+        assert row["sweep"]["knee"] == knee(ratios, row["sweep"]["accuracy"])
+        assert row["gamma"] == max(0.1, row["sweep"]["knee"])  # never 0: the next stage needs free parameters
 
 
 def test_four_stages_and_empty_group(tmp_path):

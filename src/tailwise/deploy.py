@@ -1,6 +1,7 @@
 """The deployable model: ``model/weights.safetensors`` + ``model/arch.json``, loadable without training code.
 
-``arch.json`` holds the registry name and options (``build_model(**arch["model"])``), the preprocessing
+``arch.json`` holds the registry name and options (``build_model(**arch["model"])``; for DO's sub-model
+ensemble, the member's and the aggregation settings, see :func:`build_architecture`), the preprocessing
 (mean/std in [0, 1], input shape), the class names and the per-layer channel counts. Layers whose saved weights
 are smaller than the registry's dense shapes (a physically compressed model) are rebuilt at the saved shapes
 before the weights load, so no pickled module is ever needed.
@@ -63,6 +64,23 @@ def _resize_to(model: nn.Module, state: dict) -> None:
         setattr(parent, name.rsplit(".", 1)[-1], new)
 
 
+def build_architecture(arch: dict) -> nn.Module:
+    """The dense module ``arch`` (an ``arch.json`` "model" entry) describes: a registry network, or a
+    :class:`~tailwise.models.ensemble.SubModelEnsemble` of them (DO's sub-models)."""
+    if "ensemble" in arch:
+        from .models.ensemble import SubModelEnsemble
+
+        spec = dict(arch["ensemble"])
+        members = [build_model(**arch["member"]) for _ in range(spec.pop("members"))]
+        return SubModelEnsemble(members, **spec)
+    return build_model(**arch)
+
+
+def dense_reference(arch: dict) -> nn.Module:
+    """The network a deployed model's cost is compared with: the architecture itself, or one ensemble member."""
+    return build_model(**arch["member"]) if "ensemble" in arch else build_model(**arch)
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Load the deployable model of a run directory (or of its ``model/`` folder), in eval mode.
 
@@ -76,7 +94,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
         raise TailwiseError(f"{path} has no model/arch.json: not a finished tailwise run or model folder")
     arch = json.loads((directory / "arch.json").read_text())
     state = load_file(str(directory / "weights.safetensors"))
-    model = build_model(**arch["model"])
+    model = build_architecture(arch["model"])
     _resize_to(model, state)
     model.load_state_dict(state)
     model.preprocess, model.classes = arch["preprocess"], arch["classes"]

@@ -22,6 +22,10 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None, opset: int =
     except ImportError:
         raise TailwiseError("ONNX export needs the onnx package: pip install 'tailwise[onnx]'") from None
     model = load_model(run_dir)
+    aggregation = getattr(model, "settings", {}).get("aggregation", "average")
+    if aggregation == "instance":
+        raise TailwiseError(f"{run_dir}: instance-level test-time aggregation optimises weights per image at "
+                            "inference; it cannot be exported to ONNX (train with method.aggregation=average or group)")
     out = Path(out) if out else Path(run_dir) / "model" / "model.onnx"
     example = torch.randn(2, *model.preprocess["input_shape"])
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -115,11 +115,10 @@ def latency_report(run_dir, batches=(1, 128), repeats: int = 20, channels_last: 
     import platform
     import statistics
 
-    from ..deploy import load_model
-    from ..models import build_model
+    from ..deploy import dense_reference, load_model
 
     deployed = load_model(run_dir)
-    dense = build_model(**deployed.arch).eval()
+    dense = dense_reference(deployed.arch).eval()
     shape = deployed.preprocess["input_shape"]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     dense, deployed = dense.to(memory_format=fmt), deployed.to(memory_format=fmt)

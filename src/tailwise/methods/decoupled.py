@@ -51,21 +51,23 @@ medium-top -> medium-low -> few, the medium classes split at their median traini
    Sub-model ``T`` is the whole final network. They are stored as state dicts (part of the checkpoint) and run
    with ``torch.func.functional_call``.
 
-4. **Inference** (``predict``): ``aggregation: average`` -- the mean of the sub-models' logits (``Ours wo TTL``);
-   ``aggregation: instance`` -- instance-level test-time learning (Eq. 5): two stochastic views of every test
-   image (random crop with ``data.crop_padding`` zero padding on the normalised image + flip; a generator seeded
-   by the batch's content, so a prediction is a pure function of its batch), the sub-models' softmax outputs on
-   both, and per image ``T`` weights ``lambda = floor + (1 - T floor) softmax(w)`` (``tta_floor`` 0.05 keeps
-   every sub-model in play -- the collapse guard of the pitfalls note), ``w`` from ``tta_steps`` (10) plain
-   gradient-ascent steps of size ``tta_lr`` (1.0) on the cosine similarity of the two weighted mixtures (the
-   paper gives no optimiser settings); the prediction is ``sum_t lambda_t z_t(x)`` of the sub-models' logits on
-   the clean image. During training the live network stands in for the sub-model of the running stage.
-   ``finalize`` measures the prediction cost per test image and, for ``instance``, the mean ``lambda_t`` per class
-   group of the true label (Table 9): ``describe()["final"]["test_time"]``. Not built: the group-level (SADE)
-   aggregation.
+4. **Inference** (``predict``; the aggregation itself is :mod:`tailwise.models.ensemble`): ``aggregation: average``
+   -- the mean of the sub-models' logits (``Ours wo TTL``); ``instance`` -- instance-level test-time learning
+   (Eq. 5): per test image ``T`` weights ``lambda = floor + (1 - T floor) softmax(w)`` (``tta_floor`` 0.05 keeps
+   every sub-model in play -- the collapse guard of the pitfalls note) from ``tta_steps`` (10) plain gradient-ascent
+   steps of size ``tta_lr`` (1.0) on the cosine similarity of the sub-models' weighted softmax mixtures on two
+   stochastic views (random crop with ``data.crop_padding`` + flip, seeded by the batch's content) -- the paper
+   gives no optimiser settings; ``group`` -- SADE's group-level aggregation (Table 8's ``Agg_gp``): one weight vector
+   for all images, learned the same way on the mean similarity over the unlabelled test images at the end of
+   training (before that, e.g. for validation during training, the average is used). During training the live
+   network stands in for the sub-model of the running stage. ``finalize`` measures the prediction cost per test
+   image and, for ``instance``, the mean ``lambda_t`` per class group of the true label (Table 9):
+   ``describe()["final"]["test_time"]``.
 
-``finalize`` returns the live network (sub-model ``T``) as the deployable ``model/``; the aggregated prediction needs
-all sub-models, which live in the checkpoint's method state (``checkpoints/last.pt``), not in ``model/``.
+``finalize`` returns a :class:`~tailwise.models.ensemble.SubModelEnsemble` of all ``T`` sub-models with the run's
+aggregation: ``model/`` holds every sub-model, ``tailwise eval`` and ``tailwise.load_model`` give the aggregated
+prediction, and the reported cost (params, MACs, F) is that of running all of them (F > 100%: DO trades inference
+cost for accuracy; ``instance`` adds the two views and the weight steps).
 
 Empty groups: the stage plan is built from ``ctx.data.groups`` (thresholds, or frequency terciles where a threshold
 group would be empty, e.g. CIFAR-10). A stage whose group is still empty (e.g. fewer than three classes) is dropped
@@ -76,14 +78,14 @@ from __future__ import annotations
 
 import copy
 import math
-import zlib
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.loader import Sampler, _generator, random_crop, random_flip
+from ..data.loader import Sampler, _generator
+from ..models.ensemble import AGGREGATIONS, SubModelEnsemble, aggregate, group_weights, view_probabilities
 from ..errors import ConfigError, TrainingError
 from . import Method, register_method
 
@@ -102,11 +104,12 @@ class DecoupledOptions:
     compensation: bool = True
     gamma: list[float] | None = None  # per stage but the last; default [0.5, 0.8, 0.8]
     gamma_select: str = field(default="fixed", metadata={"choices": ("fixed", "sweep")})
+    gamma_min: float = field(default=0.1, metadata={"low": 0.0, "low_open": True, "high": 0.9})  # sweep: γ_best >= this
     prune_steps: int = field(default=10, metadata={"low": 0})  # Δt of Eq. 4; 0 = one shot
     prune_lr: float | None = None  # lr of the retraining iterations; default: the next stage's lr
     rank_scope: str = field(default="layer", metadata={"choices": ("layer", "global")})
     importance_batches: int | None = None  # cap on the scoring pass (None: every image of the stage's classes)
-    aggregation: str = field(default="average", metadata={"choices": ("average", "instance")})
+    aggregation: str = field(default="average", metadata={"choices": AGGREGATIONS})
     tta_steps: int = field(default=10, metadata={"low": 1})  # gradient steps on the per-instance weights
     tta_lr: float = field(default=1.0, metadata={"low": 0.0, "low_open": True})
     tta_floor: float = field(default=0.05, metadata={"low": 0.0})  # lambda_t >= floor (against collapse)
@@ -182,31 +185,6 @@ def stage_lr(stage: Stage, epoch: int, warmup: int) -> float:
     return stage.lr * (1 + math.cos(math.pi * t)) / 2
 
 
-def instance_weights(views1: torch.Tensor, views2: torch.Tensor, steps: int = 10, lr: float = 1.0,
-                     floor: float = 0.05) -> torch.Tensor:
-    """Instance-level test-time aggregation (Eq. 5). ``views1`` / ``views2``: ``T x B x K`` softmax outputs of
-    the ``T`` sub-models on two augmented views of ``B`` images. Returns ``B x T`` weights
-    ``lambda = floor + (1 - T floor) softmax(w)``, ``w`` (zero at the start: uniform weights) found by ``steps``
-    steps of gradient ascent (plain, step ``lr``) on the cosine similarity of the two aggregated predictions
-    ``sum_t lambda_t p_t(x_v)``, independently for every image."""
-    t, b, _ = views1.shape
-    if floor * t >= 1:
-        raise ValueError(f"tta_floor {floor} x {t} sub-models must be below 1")
-    v1, v2 = views1.detach().float().permute(1, 0, 2), views2.detach().float().permute(1, 0, 2)  # B x T x K
-    w = torch.zeros(b, t, device=v1.device, requires_grad=True)
-    with torch.enable_grad():
-        for _ in range(steps):
-            lam = floor + (1 - t * floor) * w.softmax(1)
-            y1 = (lam.unsqueeze(2) * v1).sum(1)
-            y2 = (lam.unsqueeze(2) * v2).sum(1)
-            sim = F.cosine_similarity(y1, y2, dim=1).sum()
-            (grad,) = torch.autograd.grad(sim, w)
-            with torch.no_grad():
-                w += lr * grad
-    with torch.no_grad():
-        return floor + (1 - t * floor) * w.softmax(1)
-
-
 def knee(ratios: list[float], accuracy: list[float]) -> float:
     """γ_best: the ratio just before the largest fall of ``accuracy`` between consecutive ratios (the most compact
     model before the marked drop); ``ratios[0]`` when accuracy never falls."""
@@ -269,6 +247,7 @@ class Decoupled(Method):
         self._mode: int | None = None  # predict with one sub-model only (0-based), or None: aggregate
         self._pruned: list[torch.Tensor] | None = None  # during the gradual pruning
         self._override: dict | None = None  # a state dict predict uses instead (the γ sweep)
+        self.group_lambda: torch.Tensor | None = None  # aggregation: group, learned in finalize
 
     @classmethod
     def check_options(cls, o: DecoupledOptions, cfg) -> None:
@@ -288,8 +267,11 @@ class Decoupled(Method):
                               f"{2 * o.stages} or set method.stage_epochs")
         if o.lr is not None and (len(o.lr) != o.stages or any(x <= 0 for x in o.lr)):
             raise ConfigError(f"method.lr must be {o.stages} positive learning rates, got {o.lr}")
-        if o.gamma is not None and (len(o.gamma) != o.stages - 1 or any(not 0 <= g < 1 for g in o.gamma)):
-            raise ConfigError(f"method.gamma must be {o.stages - 1} pruning ratios in [0, 1), got {o.gamma}")
+        if o.gamma is not None and (len(o.gamma) != o.stages - 1 or any(not 0 < g < 1 for g in o.gamma)):
+            raise ConfigError(f"method.gamma must be {o.stages - 1} pruning ratios in (0, 1), got {o.gamma} (with 0 "
+                              "the next stage would have no free parameters to train)")
+        if o.aggregation != "average" and o.tta_floor * o.stages >= 1:
+            raise ConfigError(f"method.tta_floor {o.tta_floor} x {o.stages} stages must be below 1")
         if o.order != "many-medium-few" and o.stages != 3:
             raise ConfigError("method.order applies to stages=3 only")
 
@@ -542,7 +524,9 @@ class Decoupled(Method):
             vals = [acc["per_class"][c] for c in s.classes]
             vals = [v for v in vals if v is not None and v == v]  # classes without validation images: NaN
             accs.append(sum(vals) / len(vals) if vals else 0.0)
-        return knee(ratios, accs), {"ratios": ratios, "accuracy": [round(a, 4) for a in accs]}
+        best = knee(ratios, accs)
+        gamma = max(best, self.options.gamma_min)  # γ = 0 would leave the next stage nothing to train
+        return gamma, {"ratios": ratios, "accuracy": [round(a, 4) for a in accs], "knee": best}
 
     @torch.no_grad()
     def _reinitialise(self, ctx, pruned: list[torch.Tensor], t: int) -> None:
@@ -573,37 +557,46 @@ class Decoupled(Method):
             return torch.func.functional_call(ctx.model, self.submodels[t], (x,), strict=False)
         return ctx.model(x)
 
-    def _views(self, ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two stochastic views of a normalised batch (random crop with padding + flip, the training
-        augmentation without the policy), from a generator seeded by the batch's content: a prediction is a pure
-        function of its batch, so evaluations repeat exactly (and resume exactly)."""
-        sample = x.detach().flatten()[:: max(1, x.numel() // 4096)].float().cpu().numpy().tobytes()
-        g = torch.Generator().manual_seed(zlib.crc32(sample) + 7919 * int(ctx.cfg.run.seed))
+    def _tta(self, ctx) -> dict:
+        """The aggregation settings (views: the training crop padding and flip, without the policy)."""
+        o = self.options
         aug = getattr(ctx.trainer.train_loader, "augment", None) if ctx.trainer is not None else None
         pad, flip = (aug.crop_padding, aug.flip) if aug is not None else (4, True)
-        views = []
-        for _ in range(2):
-            v = random_crop(x, pad, g)
-            views.append(random_flip(v, g) if flip else v)
-        return views[0], views[1]
+        return {"steps": o.tta_steps, "lr": o.tta_lr, "floor": o.tta_floor, "padding": pad, "flip": flip,
+                "seed": int(ctx.cfg.run.seed)}
 
     def aggregate(self, ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(logits, lambda)``: the aggregated prediction and the ``B x T`` weights (None for ``average``)."""
         n = len(self.submodels) + 1  # the completed sub-models and the live network
-        z = torch.stack([self._forward(ctx, t, x).float() for t in range(n)])  # T x B x K
-        if self.options.aggregation == "average" or n == 1:
-            return z.mean(0), None
-        v1, v2 = self._views(ctx, x)
-        p1 = torch.stack([self._forward(ctx, t, v1).float().softmax(1) for t in range(n)])
-        p2 = torch.stack([self._forward(ctx, t, v2).float().softmax(1) for t in range(n)])
-        o = self.options
-        lam = instance_weights(p1, p2, o.tta_steps, o.tta_lr, o.tta_floor)
-        return (lam.t().unsqueeze(2) * z).sum(0), lam
+        return aggregate(lambda t, v: self._forward(ctx, t, v), n, x, self.options.aggregation,
+                         group_lambda=self.group_lambda, **self._tta(ctx))
 
     def predict(self, ctx, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(ctx.model, SubModelEnsemble):  # the deployed ensemble (finalize) aggregates by itself
+            return ctx.model(x)
         if self._mode is not None or self._override is not None:
             return self._forward(ctx, self._mode or 0, x)
         return self.aggregate(ctx, x)[0]
+
+    @torch.no_grad()
+    def learn_group_weights(self, ctx, split: str = "test") -> list[float] | None:
+        """SADE's group-level weights from ``split``'s images, without their labels."""
+        data = {"val": ctx.data.val, "test": ctx.data.test}[split]
+        if data is None:
+            return None
+        from ..data.loader import BatchLoader
+
+        tr, tta, n = ctx.trainer, self._tta(ctx), len(self.submodels) + 1
+        loader = BatchLoader(data.images, data.labels, ctx.cfg.train.eval_batch_size, tr.mean, tr.std,
+                             device=ctx.device)
+        was = ctx.model.training
+        ctx.model.eval()
+        try:
+            views = [view_probabilities(lambda t, v: self._forward(ctx, t, v), n, x, tta["padding"], tta["flip"],
+                                        tta["seed"]) for x, _ in loader]
+        finally:
+            ctx.model.train(was)
+        return [round(float(v), 6) for v in group_weights(views, tta["steps"], tta["lr"], tta["floor"])]
 
     @torch.no_grad()
     def aggregation_report(self, ctx, split: str = "test") -> dict:
@@ -667,10 +660,23 @@ class Decoupled(Method):
             self._mode = None
 
     def finalize(self, ctx) -> nn.Module:
+        """The deployable :class:`SubModelEnsemble` of all sub-models with this run's aggregation (group
+        weights learned first, from the test images without labels, as SADE does)."""
+        if self.options.aggregation == "group":
+            self.group_lambda = torch.tensor(self.learn_group_weights(ctx, "test"))
         self.final = {"val_last_stage": self._eval_live(ctx),
                       "submodels_val": [self._eval_submodel(ctx, t) for t in range(len(self.submodels))],
                       "test_time": self.aggregation_report(ctx, "test")}
-        return ctx.model
+        if self.group_lambda is not None:
+            self.final["group_lambda"] = self.group_lambda.tolist()
+        members = []
+        for t in range(len(self.submodels) + 1):
+            member = copy.deepcopy(ctx.model).eval()
+            if t < len(self.submodels):
+                member.load_state_dict(self.submodels[t])
+            members.append(member)
+        lam = self.group_lambda.tolist() if self.group_lambda is not None else None
+        return SubModelEnsemble(members, self.options.aggregation, group_lambda=lam, **self._tta(ctx))
 
     # ---------------------------------------------------------------------------------------------- results
     def describe(self) -> dict:
@@ -687,8 +693,11 @@ class Decoupled(Method):
         out["stages_table"] = [{k: r.get(k) for k in keys} for r in self.records]  # Table 7's CPO / TPD rows
         if hasattr(self, "final"):
             out["final"] = self.final
-        out["predict"] = ("average of sub-model logits" if self.options.aggregation == "average" else
-                          "instance-level test-time aggregation (Eq. 5) of sub-model logits")
+        out["predict"] = {"average": "average of sub-model logits",
+                          "instance": "instance-level test-time aggregation (Eq. 5) of sub-model logits",
+                          "group": "group-level (SADE) test-time aggregation: one weight per sub-model, learned on "
+                                   "the unlabelled test images"}[self.options.aggregation]
+        out["deployed"] = "model/: every sub-model and the aggregation (tailwise.load_model gives the ensemble)"
         return out
 
     def state_dict(self) -> dict:

@@ -1,0 +1,139 @@
+"""Aggregating the logits of ``T`` sub-networks (DO's inference, ``seeds/003_…`` section "Instance-level
+Test-time Learning"), and :class:`SubModelEnsemble`, the deployable module that does it.
+
+``aggregation``:
+
+* ``average``: the mean of the sub-models' logits ("Ours wo TTL").
+* ``instance`` (Eq. 5): per test image, ``T`` weights ``lambda = floor + (1 - T floor) softmax(w)`` maximising the
+  cosine similarity of the weighted mixtures of the sub-models' softmax outputs on two stochastic views of the
+  image (``steps`` plain gradient-ascent steps of size ``lr`` from ``w = 0``); the prediction is
+  ``sum_t lambda_t z_t(x)`` on the clean image.
+* ``group`` (SADE, Zhang et al. 2022, the paper's group-level baseline of Table 8): one ``lambda`` for all images,
+  learned the same way on the mean similarity over a whole unlabelled split (:func:`group_weights`), then fixed.
+
+The two views are a random crop with ``padding`` zero padding and a flip of the normalised batch, from a
+generator seeded by the batch's content and ``seed``: a prediction is a pure function of its batch.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.loader import random_crop, random_flip
+
+AGGREGATIONS = ("average", "instance", "group")
+
+
+def _mixture_weights(w: torch.Tensor, floor: float) -> torch.Tensor:
+    return floor + (1 - w.shape[-1] * floor) * w.softmax(-1)
+
+
+def _check_floor(floor: float, t: int) -> None:
+    if floor * t >= 1:
+        raise ValueError(f"tta_floor {floor} x {t} sub-models must be below 1")
+
+
+def instance_weights(views1: torch.Tensor, views2: torch.Tensor, steps: int = 10, lr: float = 1.0,
+                     floor: float = 0.05) -> torch.Tensor:
+    """Eq. 5 per image. ``views1`` / ``views2``: ``T x B x K`` softmax outputs of the ``T`` sub-models on two
+    views of ``B`` images. Returns ``B x T`` weights (every image optimised independently)."""
+    t, b, _ = views1.shape
+    _check_floor(floor, t)
+    v1, v2 = views1.detach().float().permute(1, 0, 2), views2.detach().float().permute(1, 0, 2)  # B x T x K
+    w = torch.zeros(b, t, device=v1.device, requires_grad=True)
+    with torch.enable_grad():
+        for _ in range(steps):
+            lam = _mixture_weights(w, floor)
+            sim = F.cosine_similarity((lam.unsqueeze(2) * v1).sum(1), (lam.unsqueeze(2) * v2).sum(1), dim=1).sum()
+            (grad,) = torch.autograd.grad(sim, w)
+            with torch.no_grad():
+                w += lr * grad
+    with torch.no_grad():
+        return _mixture_weights(w, floor)
+
+
+def group_weights(views: list[tuple[torch.Tensor, torch.Tensor]], steps: int = 10, lr: float = 1.0,
+                  floor: float = 0.05) -> torch.Tensor:
+    """One ``T``-vector of weights for all images: gradient ascent on the *mean* cosine similarity over every
+    batch's ``(T x B x K, T x B x K)`` view pair (SADE's group-level test-time aggregation)."""
+    t = views[0][0].shape[0]
+    _check_floor(floor, t)
+    total = sum(v1.shape[1] for v1, _ in views)
+    w = torch.zeros(t, requires_grad=True)
+    with torch.enable_grad():
+        for _ in range(steps):
+            grad = torch.zeros(t)
+            for v1, v2 in views:
+                mix = _mixture_weights(w, floor).to(v1.device).view(t, 1, 1)
+                sim = F.cosine_similarity((mix * v1.float()).sum(0), (mix * v2.float()).sum(0), dim=1).sum() / total
+                grad += torch.autograd.grad(sim, w)[0]
+            with torch.no_grad():
+                w += lr * grad
+    with torch.no_grad():
+        return _mixture_weights(w, floor)
+
+
+def batch_views(x: torch.Tensor, padding: int, flip: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two stochastic views of a normalised batch, from a generator seeded by the batch's content and ``seed``."""
+    sample = x.detach().flatten()[:: max(1, x.numel() // 4096)].float().cpu().numpy().tobytes()
+    g = torch.Generator().manual_seed(zlib.crc32(sample) + 7919 * int(seed))
+    views = []
+    for _ in range(2):
+        v = random_crop(x, padding, g)
+        views.append(random_flip(v, g) if flip else v)
+    return views[0], views[1]
+
+
+def view_probabilities(forward: Callable[[int, torch.Tensor], torch.Tensor], n: int, x: torch.Tensor,
+                       padding: int, flip: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``T x B x K`` softmax outputs of the ``n`` sub-models on the two views of ``x``."""
+    v1, v2 = batch_views(x, padding, flip, seed)
+    return (torch.stack([forward(t, v1).float().softmax(1) for t in range(n)]),
+            torch.stack([forward(t, v2).float().softmax(1) for t in range(n)]))
+
+
+def aggregate(forward: Callable[[int, torch.Tensor], torch.Tensor], n: int, x: torch.Tensor, aggregation: str,
+              steps: int = 10, lr: float = 1.0, floor: float = 0.05, padding: int = 4, flip: bool = True,
+              seed: int = 0, group_lambda: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(logits, lambda)`` of ``n`` sub-models (``forward(t, x)`` gives sub-model ``t``'s logits): the
+    aggregated prediction and the ``B x T`` weights used (None for ``average``, or ``group`` before its weights
+    were learned, which falls back to the average)."""
+    z = torch.stack([forward(t, x).float() for t in range(n)])  # T x B x K
+    if n == 1 or aggregation == "average" or (aggregation == "group" and group_lambda is None):
+        return z.mean(0), None
+    if aggregation == "group":
+        lam = group_lambda.to(z.device, z.dtype).expand(z.shape[1], n)
+    else:
+        p1, p2 = view_probabilities(forward, n, x, padding, flip, seed)
+        lam = instance_weights(p1, p2, steps, lr, floor)
+    return (lam.t().unsqueeze(2) * z).sum(0), lam
+
+
+class SubModelEnsemble(nn.Module):
+    """``T`` networks of one architecture whose logits are aggregated (see the module docstring); what
+    ``method: do`` deploys. ``arch`` records the member architecture and the aggregation settings, so
+    :func:`tailwise.deploy.load_model` rebuilds it from ``arch.json`` and the weights alone."""
+
+    def __init__(self, members: list[nn.Module], aggregation: str = "average", steps: int = 10, lr: float = 1.0,
+                 floor: float = 0.05, padding: int = 4, flip: bool = True, seed: int = 0,
+                 group_lambda: list[float] | None = None):
+        super().__init__()
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation {aggregation!r}: expected one of {AGGREGATIONS}")
+        self.members = nn.ModuleList(members)
+        self.settings = {"aggregation": aggregation, "steps": steps, "lr": lr, "floor": floor, "padding": padding,
+                         "flip": flip, "seed": seed, "group_lambda": group_lambda}
+        self.arch = {"ensemble": {"members": len(members), **self.settings}, "member": dict(members[0].arch)}
+
+    def forward_with_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        s = self.settings
+        lam = torch.tensor(s["group_lambda"]) if s["group_lambda"] is not None else None
+        return aggregate(lambda t, v: self.members[t](v), len(self.members), x, s["aggregation"], s["steps"],
+                         s["lr"], s["floor"], s["padding"], s["flip"], s["seed"], lam)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_weights(x)[0]

@@ -265,6 +265,9 @@ def test_deployed_ensemble_reproduces_the_reported_accuracy(tmp_path, aggregatio
     model = tailwise.load_model(trainer.out)
     assert isinstance(model, SubModelEnsemble) and len(model.members) == 3
     assert evaluate_run(trainer.out) == result["accuracy"]
+    by_mode = result["method"]["final"]["test_by_aggregation"]
+    assert set(by_mode) == {"average", "instance", "group"}
+    assert by_mode[aggregation] == {k: result["accuracy"][k] for k in ("all", "many", "medium", "few", "balanced")}
     single = sum(p.numel() for p in model.members[0].parameters())
     assert result["cost"]["params"] == 3 * single
     # three passes; instance-level aggregation also runs both views through every sub-model

@@ -62,7 +62,8 @@ medium-top -> medium-low -> few, the medium classes split at their median traini
    training (before that, e.g. for validation during training, the average is used). During training the live
    network stands in for the sub-model of the running stage. ``finalize`` measures the prediction cost per test
    image and, for ``instance``, the mean ``lambda_t`` per class group of the true label (Table 9):
-   ``describe()["final"]["test_time"]``.
+   ``describe()["final"]["test_time"]``; with ``compare_aggregations`` (default) also the test accuracy of the
+   same sub-models under each aggregation, ``describe()["final"]["test_by_aggregation"]`` (Table 8's Agg rows).
 
 ``finalize`` returns a :class:`~tailwise.models.ensemble.SubModelEnsemble` of all ``T`` sub-models with the run's
 aggregation: ``model/`` holds every sub-model, ``tailwise eval`` and ``tailwise.load_model`` give the aggregated
@@ -113,6 +114,7 @@ class DecoupledOptions:
     tta_steps: int = field(default=10, metadata={"low": 1})  # gradient steps on the per-instance weights
     tta_lr: float = field(default=1.0, metadata={"low": 0.0, "low_open": True})
     tta_floor: float = field(default=0.05, metadata={"low": 0.0})  # lambda_t >= floor (against collapse)
+    compare_aggregations: bool = True  # also report the test accuracy of every aggregation (Table 8's Agg rows)
 
 
 @dataclass
@@ -659,6 +661,20 @@ class Decoupled(Method):
         finally:
             self._mode = None
 
+    def _compare_aggregations(self, ctx) -> dict:
+        """Test accuracy of the same sub-models under every aggregation (group weights learned if needed)."""
+        chosen, learned = self.options.aggregation, self.group_lambda
+        out = {}
+        try:
+            for mode in AGGREGATIONS:
+                self.options.aggregation = mode
+                if mode == "group" and self.group_lambda is None:
+                    self.group_lambda = torch.tensor(self.learn_group_weights(ctx, "test"))
+                out[mode] = self._summary(ctx.evaluate("test"))
+        finally:
+            self.options.aggregation, self.group_lambda = chosen, learned
+        return out
+
     def finalize(self, ctx) -> nn.Module:
         """The deployable :class:`SubModelEnsemble` of all sub-models with this run's aggregation (group
         weights learned first, from the test images without labels, as SADE does)."""
@@ -669,6 +685,8 @@ class Decoupled(Method):
                       "test_time": self.aggregation_report(ctx, "test")}
         if self.group_lambda is not None:
             self.final["group_lambda"] = self.group_lambda.tolist()
+        if self.options.compare_aggregations:
+            self.final["test_by_aggregation"] = self._compare_aggregations(ctx)
         members = []
         for t in range(len(self.submodels) + 1):
             member = copy.deepcopy(ctx.model).eval()

@@ -7,7 +7,6 @@ epoch index 1 (``epoch == 2``) is the latest one a branch may start from.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -31,24 +30,15 @@ def raw_config(method: dict | None = None, **train) -> dict:
     return raw
 
 
-def keep_checkpoints(trainer, epochs) -> None:
-    """Copy ``last.pt`` to ``epoch_NNN.pt`` whenever the trainer saves one of ``epochs`` (as a user keeps one)."""
-    save = trainer.save
-
-    def wrapped(epoch):
-        save(epoch)
-        if epoch in epochs:
-            ckpt = trainer.out / "checkpoints"
-            shutil.copy(ckpt / "last.pt", ckpt / f"epoch_{epoch:03d}.pt")
-
-    trainer.save = wrapped
-
-
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory):
-    trainer = trainer_for(raw_config(), tmp_path_factory.mktemp("dense") / "run")
-    keep_checkpoints(trainer, {2, 3})
+    raw = raw_config()
+    raw["run"]["keep_checkpoints"] = [2, 3]  # the end-of-epoch checkpoints kept as epoch_002.pt, epoch_003.pt
+    trainer = trainer_for(raw, tmp_path_factory.mktemp("dense") / "run")
     trainer.fit()
+    last = torch.load(trainer.out / "checkpoints" / "last.pt", weights_only=True)
+    assert torch.load(trainer.out / "checkpoints" / "epoch_002.pt", weights_only=True)["epoch"] == 2
+    assert last["epoch"] == 5 and not (trainer.out / "checkpoints" / "epoch_004.pt").exists()
     return trainer
 
 

@@ -39,15 +39,22 @@ def test_cli_data_inspect_synthetic(tmp_path):
 
 def test_cli_demo_then_eval_and_resume(tmp_path):
     out = tmp_path / "demo"
-    proc = run_cli("demo", "--epochs", "1", "--out", str(out), cwd=tmp_path)
+    proc = run_cli("demo", "--epochs", "4", "--out", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "many" in proc.stdout and "few" in proc.stdout and f"run directory: {out}" in proc.stdout
-    result = json.loads((out / "result.json").read_text())
-    assert result["dataset"]["train_size"] == 2795 and result["dataset"]["val"]["source"] == "dataset val split"
-    proc = run_cli("eval", str(out), "--json", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == result["accuracy"]
-    proc = run_cli("run", "--resume", str(out), "train.epochs=3", cwd=tmp_path)
+    assert "many" in proc.stdout and "few" in proc.stdout and f"run directories: {out / 'dense'} and {out / 'ltap'}" in proc.stdout
+    dense = json.loads((out / "dense" / "result.json").read_text())
+    pruned = json.loads((out / "ltap" / "result.json").read_text())
+    assert dense["dataset"]["train_size"] == 2795 and dense["dataset"]["val"]["source"] == "dataset val split"
+    # the pruned model sits next to the dense one: LTAP from the dense run's epoch-1 checkpoint, 30% of the params
+    assert pruned["method"]["name"] == "ltap" and pruned["branched_from"]["epoch"] == 1
+    assert pruned["cost"]["params"] <= 0.3 * dense["cost"]["params"]
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("BS (dense)") for line in lines) and any(line.startswith("BS + LTAP") for line in lines)
+    for run_dir, result in ((out / "dense", dense), (out / "ltap", pruned)):
+        proc = run_cli("eval", str(run_dir), "--json", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout) == result["accuracy"]
+    proc = run_cli("run", "--resume", str(out / "dense"), "train.epochs=3", cwd=tmp_path)
     assert proc.returncode == 2 and "do not pass a recipe or overrides other than" in proc.stderr
 
 

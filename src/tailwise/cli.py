@@ -35,17 +35,22 @@ def _split_recipe(args: list[str]) -> tuple[str | None, list[str]]:
     return None, args
 
 
-def _table(result: dict) -> str:
-    acc, groups, cost = result["accuracy"], result["groups"], result["cost"]
-    rule = "" if groups.get("rule", "thresholds") == "thresholds" else f" ({groups['rule']}: a threshold group was empty)"
-    lines = [f"{'':10s}{'many':>9s}{'medium':>9s}{'few':>9s}{'all':>9s}{'balanced':>10s}",
-             f"{'classes':10s}{groups['many']:>9d}{groups['medium']:>9d}{groups['few']:>9d}{'':>9s}{'':>10s}{rule}"]
+def _table(rows: list[tuple[str, dict]]) -> str:
+    """Per-group accuracy and cost of one or more runs (``(label, result.json)`` pairs), one line each."""
+    groups = rows[0][1]["groups"]
+    rule = "" if groups.get("rule", "thresholds") == "thresholds" else f"  ({groups['rule']}: a threshold group was empty)"
+    width = max(10, *(len(label) + 2 for label, _ in rows))
+    lines = [f"{'':{width}s}{'many':>8s}{'medium':>8s}{'few':>8s}{'all':>8s}{'balanced':>10s}{'params':>11s}{'MMACs':>8s}"
+             f"{'F %':>7s}",
+             f"{'classes':{width}s}{groups['many']:>8d}{groups['medium']:>8d}{groups['few']:>8d}{rule}"]
 
-    def fmt(v):
-        return f"{v:9.2f}" if v is not None else f"{'-':>9s}"
+    def fmt(v, w=8):
+        return f"{v:{w}.2f}" if v is not None else f"{'-':>{w}s}"
 
-    lines.append(f"{'top-1 %':10s}{fmt(acc['many'])}{fmt(acc['medium'])}{fmt(acc['few'])}{fmt(acc['all'])}{fmt(acc['balanced'])} ")
-    lines.append(f"cost: {cost['params']:,} params, {cost['macs'] / 1e6:.2f} M MACs (F = {cost['F']:.1f}% of dense)")
+    for label, result in rows:
+        acc, cost = result["accuracy"], result["cost"]
+        lines.append(f"{label:{width}s}{fmt(acc['many'])}{fmt(acc['medium'])}{fmt(acc['few'])}{fmt(acc['all'])}"
+                     f"{fmt(acc['balanced'], 10)}{cost['params']:>11,d}{cost['macs'] / 1e6:>8.2f}{cost['F']:>7.1f}")
     return "\n".join(lines)
 
 
@@ -65,20 +70,25 @@ def cmd_run(ns) -> int:
         raise TailwiseError("--branch-from starts a new run; it cannot be combined with --resume")
     out = ns.resume or ns.out or f"runs/{Path(recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     result = run(recipe, overrides, out, resume=bool(ns.resume), branch_from=ns.branch_from)
-    print(_table(result))
+    print(_table([("top-1 %", result)]))
     print(f"run directory: {out}")
     return 0
 
 
 def cmd_demo(ns) -> int:
     from . import run
-    from .demo import demo_overrides
+    from .demo import demo_runs
 
-    out = ns.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    _log("tailwise demo: ResNet-20 on a small real CIFAR-10-LT subset shipped with the package (about 2 minutes on 2 CPU cores)")
-    result = run("demo", demo_overrides(ns.epochs), out)
-    print(_table(result))
-    print(f"run directory: {out}  (re-evaluate with `tailwise eval {out}`; load with tailwise.load_model('{out}'))")
+    out = Path(ns.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    _log("tailwise demo: ResNet-20 on a small real CIFAR-10-LT subset shipped with the package, dense and pruned "
+         "with LTAP (about 3 minutes on 2 CPU cores)")
+    rows = []
+    for label, overrides, directory, branch_from in demo_runs(out, ns.epochs):
+        result = run("demo", overrides, directory, branch_from=branch_from)
+        rows.append((label, result))
+    print(_table(rows))
+    print(f"run directories: {out / 'dense'} and {out / 'ltap'}  (re-evaluate with `tailwise eval DIR`; load with "
+          f"tailwise.load_model(DIR); compare with `tailwise report {out / 'dense'} {out / 'ltap'}`)")
     return 0
 
 

@@ -112,6 +112,7 @@ class RunConfig:
     tensorboard: bool = False
     progress: str = _choice("auto", "bar", "log", "none", default="auto")
     keep_best: bool = True
+    keep_checkpoints: list[int] = field(default_factory=list)  # epochs whose checkpoint is kept as epoch_NNN.pt
 
 
 @dataclass
@@ -218,6 +219,9 @@ def _check_consistency(cfg: Config) -> None:
         value = getattr(cfg.data, key)
         if value is not None and len(value) != 3:
             raise ConfigError(f"data.{key} must have 3 values (one per RGB channel), got {value}")
+    if any(not 1 <= e <= cfg.train.epochs for e in cfg.run.keep_checkpoints):
+        raise ConfigError(f"run.keep_checkpoints: {cfg.run.keep_checkpoints} must be epochs in 1..train.epochs "
+                          f"({cfg.train.epochs})")
     if cfg.run.device not in ("auto", "cpu") and not cfg.run.device.startswith("cuda"):
         raise ConfigError(f"run.device: {cfg.run.device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N")
     from .losses import build_loss

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import platform
+import shutil
 import signal
 import sys
 import time
@@ -299,6 +300,9 @@ class Trainer:
                     save_checkpoint(self.out / "checkpoints" / "best.pt",
                                     {"model": self.ctx.model.state_dict(), "method": self.method.state_dict(), "epoch": epoch})
                 self.save(epoch + 1)
+                if epoch + 1 in cfg.run.keep_checkpoints:  # e.g. the epoch pruned runs branch from
+                    shutil.copyfile(self.out / "checkpoints" / "last.pt",
+                                    self.out / "checkpoints" / f"epoch_{epoch + 1:03d}.pt")
                 self.log(f"epoch {epoch + 1}/{cfg.train.epochs}  lr {record['lr']:.4g}  loss {record['train_loss']:.4f}  "
                          f"val {format_groups(selection_acc)}  {record['time_s']:.1f}s")
             return self.finish()

@@ -214,6 +214,8 @@ def method_label(run: RunData) -> str:
     vote = m.get("vote")
     if name == "ltap" and vote and vote != "adaptive":
         opts.append({"uniform": "w.o. vote", "public-code": "public-code weights"}.get(vote, f"vote={vote}"))
+    if name == "ltap" and m.get("normalize") not in (None, "l2"):
+        opts.append(f"{m['normalize']} normalisation")
     if m.get("criteria") and name == "ltap" and len(m["criteria"]) < 5:
         opts.append("criteria=" + "+".join(m["criteria"]))
     for key, what in (("target_params", "params"), ("target_macs", "MACs"), ("target_sparsity", "sparsity")):

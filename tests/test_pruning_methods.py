@@ -401,6 +401,9 @@ def test_shrunk_fine_tuning_equals_masked_fine_tuning(shrink_pair):
     assert n_params == shrunk.result["cost"]["params"] < shrunk.result["cost"]["params_dense"]
     for p in shrunk.ctx.model.parameters():
         assert shrunk.ctx.optimizer.state[p]["momentum_buffer"].shape == p.shape
+    # the shrunk model trains in NCHW (channels-last backward is unsafe at irregular widths, Trainer docs)
+    assert not shrunk.channels_last and not shrunk.train_loader.channels_last and masked.channels_last
+    assert all(p.is_contiguous() for p in shrunk.ctx.model.parameters())
     # the same function as the masked run (up to float summation order), the same masks, the same report
     assert all(torch.equal(a, b) for a, b in zip(shrunk.method.kept, masked.method.masks.keep))
     small, reference = tailwise.load_model(shrunk.out), tailwise.load_model(masked.out)

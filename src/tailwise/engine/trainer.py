@@ -115,6 +115,7 @@ class Trainer:
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         self.device = _pick_device(cfg.run.device)
+        self.channels_last = cfg.train.channels_last  # NHWC, unless a method switches back (use_contiguous_format)
         seed_everything(cfg.run.seed)
         self.data = build_data(cfg.data, self.log)
         t, d = cfg.train, self.data
@@ -145,7 +146,15 @@ class Trainer:
     def _place(self, model: nn.Module) -> nn.Module:
         """Move ``model`` to the run's device and memory format (in place; returned for convenience)."""
         model.to(self.device)
-        return model.to(memory_format=torch.channels_last) if self.cfg.train.channels_last else model
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def use_contiguous_format(self) -> None:
+        """Train and evaluate in NCHW from now on (model, batches). Pruning calls this after the shrink: on CPU,
+        torch 2.14's channels-last convolution backward corrupts memory for some irregular channel widths at odd
+        batch sizes (e.g. a pruned ResNet-20 at batch 107 with 2 threads; dense widths are unaffected)."""
+        self.channels_last = False
+        self.train_loader.channels_last = False
+        self.ctx.model.to(memory_format=torch.contiguous_format)
 
     def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         t = self.cfg.train
@@ -162,7 +171,7 @@ class Trainer:
         try:
             return evaluate_split(lambda x: self.method.predict(self.ctx, x), data, self.data.groups, self.mean,
                                   self.std, self.cfg.train.eval_batch_size, self.device, self.loss_fn.adjust_logits,
-                                  self.cfg.train.amp, self.cfg.train.channels_last)
+                                  self.cfg.train.amp, self.channels_last)
         finally:
             self.ctx.model.train(was_training)
 

@@ -91,7 +91,7 @@ class StructuredPruning(Method):
     # ---------------------------------------------------------------------------------------------- set-up
     def setup(self, ctx) -> None:
         self.example = ctx.data.train.images[:1].float().to(ctx.device)
-        self.model = ctx.model
+        self.model, self.trainer = ctx.model, getattr(ctx, "trainer", None)
         self.build_structures(ctx.model)
         self.generator = torch.Generator().manual_seed(ctx.cfg.run.seed + 7)
         self.dense = {"params": count_params(ctx.model), "macs": count_macs(ctx.model, self.example)}
@@ -258,6 +258,7 @@ class StructuredPruning(Method):
         state = slim.state_dict()
         _resize_to(model, state)
         model.load_state_dict(state)
+        ctx.trainer.use_contiguous_format()  # irregular widths: see Trainer.use_contiguous_format
         ctx.trainer._place(model)
         params = dict(model.named_parameters())
         ctx.rebuild_optimizer({params[n]: {"momentum_buffer": torch.empty_like(params[n]).copy_(m)}
@@ -293,6 +294,7 @@ class StructuredPruning(Method):
     def load_state_dict(self, state: dict) -> None:
         saved_shrunk = state.get("shrunk", False)
         if saved_shrunk and not self.shrunk:  # Trainer.resume resized the model to the saved shapes first
+            self.trainer.use_contiguous_format()
             self.build_structures(self.model)
         elif self.shrunk and not saved_shrunk:
             raise TrainingError("a state from before the shrink cannot be restored onto the compressed model")

@@ -78,7 +78,8 @@ def main(argv=None) -> int:
         except ValueError as exc:
             metrics = path / "metrics.jsonl"
             n = sum(1 for line in metrics.read_text().splitlines() if line.strip()) if metrics.is_file() else 0
-            lines.append(f"| {path.name}: running, {n}/{epochs} epochs | | | | | | | | | | | |")
+            state = f"in progress, {n}/{epochs} epochs (resumes next session)" if n else "not started"
+            lines.append(f"| {path.name}: {state} | | | | | | | | | | | |")
             print(f"not finished: {exc}", file=sys.stderr)
             continue
         m = run.result["method"]

@@ -203,12 +203,10 @@ def test_resume_mid_stage_equals_uninterrupted(tmp_path, full_run):
     assert result["accuracy"] == full_result["accuracy"]
 
 
-def test_instance_aggregation_recovers_planted_submodel():
-    from tailwise.models.ensemble import instance_weights
-
-    g = torch.Generator().manual_seed(0)
-    t, b, k = 3, 64, 10
-    y = torch.randint(0, k, (b,), generator=g)
+def planted_views(y: torch.Tensor, k: int, t: int, planted: int, g: torch.Generator):
+    """Two views' ``T x B x K`` softmax outputs: sub-model ``planted`` is stable (confident on ``y`` in both
+    views), the others are noise that changes between the views."""
+    b = len(y)
 
     def stable():
         z = torch.zeros(b, k)
@@ -218,9 +216,18 @@ def test_instance_aggregation_recovers_planted_submodel():
     def unstable():
         return (2.0 * torch.randn(b, k, generator=g)).softmax(1)
 
+    return (torch.stack([stable() if i == planted else unstable() for i in range(t)]),
+            torch.stack([stable() if i == planted else unstable() for i in range(t)]))
+
+
+def test_instance_aggregation_recovers_planted_submodel():
+    from tailwise.models.ensemble import instance_weights
+
+    g = torch.Generator().manual_seed(0)
+    t, b, k = 3, 64, 10
+    y = torch.randint(0, k, (b,), generator=g)
     for planted in range(t):
-        v1 = torch.stack([stable() if i == planted else unstable() for i in range(t)])
-        v2 = torch.stack([stable() if i == planted else unstable() for i in range(t)])
+        v1, v2 = planted_views(y, k, t, planted, g)
         lam = instance_weights(v1, v2, steps=10, lr=1.0, floor=0.05)
         assert torch.allclose(lam.sum(1), torch.ones(b))
         assert bool((lam >= 0.05 - 1e-6).all())
@@ -235,18 +242,7 @@ def test_group_weights_find_the_stable_submodel_for_the_whole_set():
     t, k = 3, 10
 
     def batch(b, planted):
-        y = torch.randint(0, k, (b,), generator=g)
-
-        def stable():
-            z = torch.zeros(b, k)
-            z[torch.arange(b), y] = 3.0
-            return (z + 0.3 * torch.randn(b, k, generator=g)).softmax(1)
-
-        def unstable():
-            return (2.0 * torch.randn(b, k, generator=g)).softmax(1)
-
-        return (torch.stack([stable() if i == planted else unstable() for i in range(t)]),
-                torch.stack([stable() if i == planted else unstable() for i in range(t)]))
+        return planted_views(torch.randint(0, k, (b,), generator=g), k, t, planted, g)
 
     lam = group_weights([batch(32, 2), batch(20, 2)], steps=10, lr=1.0, floor=0.05)
     assert lam.shape == (3,) and float(lam.sum()) == pytest.approx(1.0) and int(lam.argmax()) == 2

@@ -81,8 +81,7 @@ class StructuredPruning(Method):
     def __init__(self, options: PruningOptions):
         super().__init__(options)
         self.history: list[dict] = []
-        self.shrunk = False  # the model was physically compressed; masks now cover the smaller model
-        self.kept: list[torch.Tensor] | None = None  # at the shrink: each dense group's surviving channels
+        self.kept: list[torch.Tensor] | None = None  # set by the shrink: each dense group's surviving channels
 
     @classmethod
     def check_options(cls, options, cfg) -> None:
@@ -96,9 +95,13 @@ class StructuredPruning(Method):
         self.generator = torch.Generator().manual_seed(ctx.cfg.run.seed + 7)
         self.dense = {"params": count_params(ctx.model), "macs": count_macs(ctx.model, self.example)}
         self.stage_epochs = [self.options.start_epoch + k * self.options.stage_interval for k in range(self.options.stages)]
-        self.dense_channels = self.masks.num_channels()
         self.dense_groups = [{"name": g.name, "kind": g.kind, "size": g.size, "producers": list(g.producers),
                               "consumers": list(g.consumers)} for g in self.groups]
+
+    @property
+    def shrunk(self) -> bool:
+        """The model was physically compressed (masks now cover the smaller model)."""
+        return self.kept is not None
 
     def build_structures(self, model) -> None:
         """Groups and all-live masks for ``model`` (at set-up, and again after the model was compressed)."""
@@ -263,7 +266,6 @@ class StructuredPruning(Method):
         params = dict(model.named_parameters())
         ctx.rebuild_optimizer({params[n]: {"momentum_buffer": torch.empty_like(params[n]).copy_(m)}
                                for n, m in momentum.items()})
-        self.shrunk = True
         self.build_structures(model)
 
     # -------------------------------------------------------------------------------------------- results
@@ -284,22 +286,21 @@ class StructuredPruning(Method):
         structure = [{**g, "kept": keep.nonzero().flatten().tolist()}
                      for g, keep in zip(self.dense_groups, self.kept_channels())]
         return {**super().describe(), "stage_epochs": self.stage_epochs, "history": self.history,
-                "channels": self.dense_channels, "live_channels": self.masks.num_live(), "shrunk": self.shrunk,
+                "channels": sum(g["size"] for g in self.dense_groups), "live_channels": self.masks.num_live(), "shrunk": self.shrunk,
                 "structure": structure}
 
     def state_dict(self) -> dict:
         return {"masks": self.masks.state_dict(), "history": list(self.history),
-                "generator": self.generator.get_state(), "shrunk": self.shrunk, "kept": self.kept}
+                "generator": self.generator.get_state(), "kept": self.kept}
 
     def load_state_dict(self, state: dict) -> None:
-        saved_shrunk = state.get("shrunk", False)
-        if saved_shrunk and not self.shrunk:  # Trainer.resume resized the model to the saved shapes first
+        kept = [k.cpu() for k in state["kept"]] if state.get("kept") is not None else None
+        if kept is not None and not self.shrunk:  # Trainer.resume resized the model to the saved shapes first
             self.trainer.use_contiguous_format()
             self.build_structures(self.model)
-        elif self.shrunk and not saved_shrunk:
+        elif self.shrunk and kept is None:
             raise TrainingError("a state from before the shrink cannot be restored onto the compressed model")
-        self.shrunk = saved_shrunk
-        self.kept = [k.cpu() for k in state["kept"]] if state.get("kept") is not None else None
+        self.kept = kept
         self.masks.load_state_dict(state["masks"])
         self.history = list(state["history"])
         self.generator.set_state(state["generator"].cpu())  # a CPU generator; checkpoints load to the run's device

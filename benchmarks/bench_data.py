@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import shutil
 import statistics
 import sys
@@ -35,7 +34,7 @@ if str(ROOT / "src") not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import DEFAULT_DATA, DOCS, log, machine_lines, timed, write_section  # noqa: E402
+from common import DEFAULT_DATA, DOCS, log, machine_lines, timed, section_head, write_section  # noqa: E402
 from tailwise.config import load_config  # noqa: E402
 from tailwise.data import sources  # noqa: E402
 from tailwise.data.cache import _load, cached_split, source_fingerprint  # noqa: E402
@@ -173,14 +172,7 @@ def report(args, machine: list[str], cache: dict, load: dict, total_s: float) ->
     loader_ok = frac < LOADER_MAX_FRACTION
     n = load["n"]
     lines = [
-        SECTION,
-        "",
-        "Command (repository root; `--write-docs` rewrites this section):",
-        "",
-        "```",
-        "PYTHONPATH=src .venv/bin/python " + shlex.join(["benchmarks/bench_data.py", *args.argv]),
-        "```",
-        "",
+        *section_head(SECTION, "benchmarks/bench_data.py", args.argv),
         *machine,
         f"- Seed: {args.seed}; data: `{args.data}` (CIFAR-10 JPEG tree, 50k train / 10k test); script runtime "
         f"{total_s / 60:.1f} min; load average at the end: {os.getloadavg()[0]:.2f}",

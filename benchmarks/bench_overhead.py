@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import shlex
 import shutil
 import statistics
 import sys
@@ -41,7 +40,7 @@ if str(ROOT / "src") not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import DEFAULT_DATA, DOCS, log, machine_lines, timed, write_section  # noqa: E402
+from common import DEFAULT_DATA, DOCS, log, machine_lines, timed, section_head, write_section  # noqa: E402
 from tailwise.config import load_config  # noqa: E402
 from tailwise.errors import ConfigError  # noqa: E402
 from tailwise.data.loader import _generator, random_crop, random_flip  # noqa: E402
@@ -184,14 +183,7 @@ def report(args, machine: list[str], res: dict, total_s: float) -> tuple[str, bo
     fit_epoch = med["tailwise"] + med["evaluate"] + med["checkpoint"]
     cfg = res["cfg"]
     lines = [
-        SECTION,
-        "",
-        "Command (repository root; `--write-docs` rewrites this section):",
-        "",
-        "```",
-        "PYTHONPATH=src .venv/bin/python " + shlex.join(["benchmarks/bench_overhead.py", *args.argv]),
-        "```",
-        "",
+        *section_head(SECTION, "benchmarks/bench_overhead.py", args.argv),
         *machine,
         f"- Seed: {args.seed}; recipe `{RECIPE}` with `train.epochs=1`, data `{args.data}`; script runtime "
         f"{total_s / 60:.1f} min; load average at the end: {os.getloadavg()[0]:.2f}",

@@ -44,6 +44,14 @@ def machine_lines(threads: int) -> list[str]:
     ]
 
 
+def section_head(heading: str, script: str, argv: list[str]) -> list[str]:
+    """The first lines of a benchmark's docs section: its ``## `` heading and the exact command that wrote it."""
+    import shlex
+
+    return [heading, "", "Command (repository root; `--write-docs` rewrites this section):", "", "```",
+            "PYTHONPATH=src .venv/bin/python " + shlex.join([script, *argv]), "```", ""]
+
+
 def write_section(path: Path, section: str) -> None:
     """Replace (or append) the ``## `` section whose heading is the first line of ``section``."""
     heading = section.splitlines()[0].strip()

@@ -344,7 +344,7 @@ def test_policy_augmentation_is_seeded_and_changes_images(policy):
 
 
 def test_channel_stats_match_a_float_computation():
-    from tailwise.engine.trainer import channel_stats
+    from tailwise.data.stats import channel_stats
 
     g = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8, generator=g)

@@ -355,7 +355,7 @@ def test_list_file_build_data(list_dataset, tmp_path):
     assert data.class_counts == [2, 2, 2]
     assert data.test.labels.tolist() == [1, 0, 2]
     cfg_val = data_config(name="listfile", root=str(img_root), train_list=str(train), test_list=str(test),
-                          val_list=str(test), imbalance_ratio=None, cache=False)
+                          val_list=str(test), imbalance_ratio=None, cache=False, stream=False)
     with_val = build_data(cfg_val, **QUIET)
     assert with_val.info["val"]["source"] == "dataset val split"
     assert torch.equal(with_val.val.images, with_val.test.images)

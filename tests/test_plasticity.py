@@ -7,9 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
 from torch import nn
 
 from tailwise.config import config_from_dict
+from tailwise.data.dataset import Split
+from tailwise.engine.dist import Dist
 from tailwise.engine.trainer import Interrupted, Trainer
 from tailwise.methods import build_method, validate_method_config
 from tailwise.methods.plasticity import Plasticity, class_weights
@@ -167,10 +170,10 @@ def two_path_ctx(model, counts):
     images = torch.zeros(1, 2, 4, 4, dtype=torch.uint8)
     loss_fn = nn.CrossEntropyLoss()
     return SimpleNamespace(model=model, loss_fn=loss_fn, device=torch.device("cpu"),
-                           data=SimpleNamespace(train=SimpleNamespace(images=images), class_counts=counts),
+                           data=SimpleNamespace(train=Split(images, torch.zeros(1, dtype=torch.long)), class_counts=counts),
                            cfg=SimpleNamespace(run=SimpleNamespace(seed=0), train=SimpleNamespace(epochs=10)),
                            optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-                           trainer=SimpleNamespace(), epoch=0)
+                           trainer=SimpleNamespace(), epoch=0, batch_share=1.0, dist=Dist())
 
 
 def test_class_reweighting_changes_the_ranking():

@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import tailwise
 from tailwise.compress.masks import ChannelMasks
 from tailwise.compress.slim import compress
+from tailwise.data.dataset import Split
 from tailwise.config import config_from_dict
 from tailwise.engine.trainer import Interrupted, Trainer, prepare_run_dir
 from tailwise.errors import ConfigError
@@ -121,7 +122,7 @@ def set_up(cls=MagnitudePruning, **options):
     torch.manual_seed(0)
     method = cls(cls.Options(**{"stages": 3, **options}))
     images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
-    ctx = SimpleNamespace(data=SimpleNamespace(train=SimpleNamespace(images=images)), model=build_model("resnet20", 4),
+    ctx = SimpleNamespace(data=SimpleNamespace(train=Split(images, torch.zeros(len(images), dtype=torch.long))), model=build_model("resnet20", 4),
                           device=torch.device("cpu"), cfg=SimpleNamespace(run=SimpleNamespace(seed=0)))
     method.setup(ctx)
     return method

@@ -20,25 +20,38 @@ def run(recipe, overrides=(), out=None, resume=False, branch_from=None):
     from pathlib import Path
 
     from .config import apply_overrides, config_from_dict, load_config, load_recipe
+    from .engine.dist import from_environment
     from .engine.trainer import Trainer, prepare_run_dir
+    from .errors import TrainingError
 
     if resume:  # overrides may only change how the run executes (threads, progress), see the CLI
         cfg = config_from_dict(apply_overrides(load_recipe(Path(out) / "config.yaml"), list(overrides)))
     else:
         cfg = load_config(recipe, list(overrides))
+    dist, device = from_environment(cfg.run.device)  # under torchrun: join the job (rank 0 alone writes)
+    if out is None and cfg.run.out is None and dist.enabled:
+        raise TrainingError("under torchrun give the run directory with --out (every process must use the same)")
     out = Path(out or cfg.run.out or f"runs/{Path(str(recipe)).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     if not resume:
-        prepare_run_dir(cfg, out)
-    trainer = Trainer(cfg, out)
+        failed = None
+        if dist.is_main:
+            try:
+                prepare_run_dir(cfg, out)
+            except TrainingError as exc:
+                failed = exc
+        if dist.any(failed is not None):
+            raise failed or TrainingError(f"rank 0 could not create the run directory {out}")
+    trainer = Trainer(cfg, out, dist=dist, device=device)
     if resume:
         trainer.resume()
     elif branch_from is not None:
         try:
             trainer.branch(branch_from)
         except BaseException:  # nothing half-written: the new run directory goes again
-            import shutil
+            if dist.is_main:
+                import shutil
 
-            shutil.rmtree(out, ignore_errors=True)
+                shutil.rmtree(out, ignore_errors=True)
             raise
     return trainer.fit()
 

@@ -4,6 +4,7 @@
     tailwise demo [--out DIR] [--epochs N]
     tailwise eval RUN_DIR [--json]
     tailwise data inspect [RECIPE.yaml] [key=value ...] [--json]
+    tailwise data verify RECIPE.yaml [key=value ...] | --list FILE [--list FILE ...] --root DIR  [--workers N]
     tailwise recipes
     tailwise export RUN_DIR --onnx
     tailwise bench-latency RUN_DIR [--batch 1 128]
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -68,10 +70,12 @@ def cmd_run(ns) -> int:
         raise TailwiseError("tailwise run needs a recipe (a YAML file or a name from `tailwise recipes`)")
     if ns.resume and ns.branch_from:
         raise TailwiseError("--branch-from starts a new run; it cannot be combined with --resume")
-    out = ns.resume or ns.out or f"runs/{Path(recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # under torchrun: --out is required, rank 0 prints
+    out = ns.resume or ns.out or (None if distributed else f"runs/{Path(recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     result = run(recipe, overrides, out, resume=bool(ns.resume), branch_from=ns.branch_from)
-    print(_table([("top-1 %", result)]))
-    print(f"run directory: {out}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(_table([("top-1 %", result)]))
+        print(f"run directory: {out}")
     return 0
 
 
@@ -165,6 +169,66 @@ def cmd_data_inspect(ns) -> int:
     return 0
 
 
+def cmd_data_verify(ns) -> int:
+    """Check every entry of a list-file dataset; exit 0 when clean, 2 when problems were found."""
+    from .data.verify import verify_lists
+
+    recipe, overrides = _split_recipe(ns.args)
+    if ns.list:
+        if recipe or overrides:
+            raise TailwiseError("data verify takes either a recipe (and key=value overrides) or --list/--root, not both")
+        if not ns.root:
+            raise TailwiseError("data verify --list FILE needs --root DIR (the image root the list's paths are "
+                                "relative to)")
+        lists, root, num_classes, workers = ns.list, ns.root, ns.num_classes, 0
+    else:
+        from .config import load_config
+
+        if recipe is None:
+            raise TailwiseError("data verify needs a recipe of a list-file dataset, or --list FILE --root DIR")
+        cfg = load_config(recipe, overrides)
+        d = cfg.data
+        if d.name != "listfile":
+            raise TailwiseError(f"data verify checks list-file datasets (data.name=listfile); {recipe} has "
+                                f"data.name={d.name}")
+        lists = [p for p in (d.train_list, d.val_list, d.test_list) if p]
+        if not lists:
+            raise TailwiseError(f"{recipe} sets no data.train_list / val_list / test_list")
+        root, num_classes, workers = d.root, ns.num_classes or d.num_classes, cfg.run.workers
+    workers = ns.workers if ns.workers is not None else workers
+    _log(f"data verify: checking {', '.join(map(str, lists))} against {root} with {max(workers, 1)} process(es)")
+    report = verify_lists(lists, root, num_classes, workers, _verify_progress())
+    for line in report.details(ns.show):
+        print(line)
+    print(report.summary())
+    return 0 if report.ok else 2
+
+
+def _verify_progress():
+    """A progress callback: a bar on a terminal, otherwise a line about every 10% of the images."""
+    from .engine.log import progress_mode
+
+    if progress_mode("auto") == "bar":
+        from tqdm import tqdm
+
+        bar = None
+
+        def update(done, total):
+            nonlocal bar
+            bar = bar or tqdm(total=total, desc="images", unit="img", leave=False, dynamic_ncols=True)
+            bar.update(done - bar.n)
+            if done == total:
+                bar.close()
+        return update
+    reported = [0]
+
+    def log_line(done, total):
+        if done == total or done - reported[0] >= max(1, total // 10):
+            reported[0] = done
+            _log(f"  checked {done}/{total} images")
+    return log_line
+
+
 def cmd_recipes(ns) -> int:
     from .recipes import RECIPE_DIR, list_recipes
 
@@ -218,6 +282,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("args", nargs="*", help="[RECIPE.yaml] then data.* overrides, e.g. data.name=cifar10-lt data.root=PATH")
     q.add_argument("--json", action="store_true")
     q.set_defaults(fn=cmd_data_inspect)
+    q = dsub.add_parser("verify", help="check every line and image of a list-file dataset (missing, corrupt, "
+                        "malformed, label out of range); exit 2 when problems are found")
+    q.add_argument("args", nargs="*", help="RECIPE.yaml then key=value overrides, e.g. data.root=PATH")
+    q.add_argument("--list", action="append", metavar="FILE", help="a list file to check instead of a recipe's "
+                   "(repeatable; the first is the training list, which defines the label range)")
+    q.add_argument("--root", metavar="DIR", help="the image root of --list")
+    q.add_argument("--num-classes", type=int, help="labels must be < this (default: data.num_classes, else one more "
+                   "than the largest training label)")
+    q.add_argument("--workers", type=int, help="processes checking images (default: run.workers; 0 with --list)")
+    q.add_argument("--show", type=int, default=5, help="offending entries shown per problem kind (default 5)")
+    q.set_defaults(fn=cmd_data_verify)
     p = sub.add_parser("recipes", help="list the bundled recipes")
     p.set_defaults(fn=cmd_recipes)
     return parser
@@ -240,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # output piped into e.g. `head`
         return 0
+    finally:
+        tdist = sys.modules.get("torch.distributed")
+        if tdist is not None and tdist.is_available() and tdist.is_initialized():  # a torchrun job: leave cleanly
+            tdist.destroy_process_group()
 
 
 if __name__ == "__main__":

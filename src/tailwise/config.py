@@ -55,6 +55,19 @@ class DataConfig:
     flip: bool = True
     cutout: int = _bounded(0, 0)
     policy: str = _choice("none", "randaugment", "autoaugment", default="none")
+    # streaming (list files): decode images from disk in run.workers processes instead of holding them in memory.
+    # auto: stream list files whose image_size is unset or > 64; the streamed path normalises with data.mean/std or
+    # the ImageNet constants, and trains with train_transform (crop_padding does not apply, cutout is unavailable)
+    stream: bool | str = _choice("auto", True, False, default="auto")
+    train_transform: str = _choice("imagenet", default="imagenet")  # RandomResizedCrop(image_size) + flip
+    color_jitter: float = _bounded(0.0, 0.0)  # streamed training: ColorJitter brightness = contrast = saturation
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the splits are file-backed (streamed from disk) rather than decoded into memory."""
+        if self.stream == "auto":
+            return self.name == "listfile" and (self.image_size is None or self.image_size > 64)
+        return bool(self.stream)
 
 
 @dataclass
@@ -193,7 +206,8 @@ def build_dataclass(cls, values: dict | None, path: str):
         value = _coerce(value, hints[name], key)
         meta = fields[name].metadata
         if "choices" in meta and value not in meta["choices"]:
-            raise ConfigError(f"{key}: {value!r} is not allowed; allowed: {', '.join(map(str, meta['choices']))}")
+            allowed = ", ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in meta["choices"])
+            raise ConfigError(f"{key}: {value!r} is not allowed; allowed: {allowed}")
         if value is not None and isinstance(value, (int, float)):
             low, high = meta.get("low"), meta.get("high")
             if low is not None and (value < low or (meta.get("low_open") and value == low)):
@@ -202,6 +216,19 @@ def build_dataclass(cls, values: dict | None, path: str):
                 raise ConfigError(f"{key}: {value} is out of range; must be <= {high}")
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def _check_streaming(data: DataConfig) -> None:
+    """Keys of the streamed path must not be set where they cannot apply, and vice versa."""
+    if data.stream is True and data.name != "listfile":
+        raise ConfigError(f"data.stream=true needs data.name=listfile (got {data.name}); other datasets are decoded "
+                          "into memory: use data.stream=auto or false")
+    if data.streamed and data.cutout > 0:
+        raise ConfigError("data.cutout is not available for streamed data (data.stream); set data.cutout=0 or "
+                          "data.stream=false to decode the images into memory")
+    if not data.streamed and data.color_jitter > 0:
+        raise ConfigError("data.color_jitter applies to streamed data only; set data.stream=true (list files) or "
+                          "data.color_jitter=0")
 
 
 def _check_consistency(cfg: Config) -> None:
@@ -213,6 +240,7 @@ def _check_consistency(cfg: Config) -> None:
     if cfg.data.name in ("cifar10-lt", "cifar100-lt", "imagefolder") and cfg.data.root is None:
         raise ConfigError(f"data.root is required for data.name={cfg.data.name} "
                           "(a CIFAR pickle folder, or an image-folder tree or .tar.gz of one)")
+    _check_streaming(cfg.data)
     if sorted(cfg.train.milestones) != cfg.train.milestones:
         raise ConfigError(f"train.milestones must be increasing, got {cfg.train.milestones}")
     for key in ("mean", "std"):

@@ -1,7 +1,10 @@
 """Build the train / validation / test splits of a run from its ``data`` config.
 
 Flow: source reader (through the uint8 cache) -> long-tailed subset (Cao-exact) -> validation holdout ->
-shot groups. The result holds uint8 tensors in memory; the loader augments them in batches.
+shot groups. The result holds uint8 tensors in memory (:class:`Split`; the loader augments them in batches), or,
+for streamed list files (``data.stream``), image paths (:class:`~tailwise.data.stream.FileSplit`; the streaming
+loader decodes them in worker processes). Code outside the loaders reads images only through ``split.batch``,
+``split.example`` and ``split.image_shape``, which both kinds provide.
 
 Validation (``data.val``): ``holdout`` (default) takes ``val_per_class`` images of every class from source
 images the long-tailed subset did not use; a class without enough unused images gives the rest from its own
@@ -23,24 +26,44 @@ from . import sources
 from .cache import cached_split
 from .longtail import (ShotGroups, class_counts, imbalance_ratio, index_sha256, longtail_indices, profile_counts,
                        shot_groups)
+from .stream import FileSplit
+from .transforms import STREAM_IMAGE_SIZE, eval_resize
 
 DATASETS = ("cifar10-lt", "cifar100-lt", "imagefolder", "listfile", "synthetic")
 
 
 @dataclass
 class Split:
+    """A split decoded into memory."""
+
     images: torch.Tensor  # uint8 N x 3 x H x W
     labels: torch.Tensor  # int64 N
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    def batch(self, idx) -> torch.Tensor:
+        """Images ``idx``, uint8 ``N x 3 x H x W``."""
+        return self.images[idx]
+
+    def example(self, n: int = 1) -> torch.Tensor:
+        """The first ``n`` images (fewer if the split is smaller)."""
+        return self.images[:n]
+
+    def subset(self, idx) -> "Split":
+        """The split of images ``idx``, in that order."""
+        return Split(self.images[idx], self.labels[idx])
+
 
 @dataclass
 class LongTailData:
-    train: Split
-    val: Split | None
-    test: Split
+    train: Split | FileSplit
+    val: Split | FileSplit | None
+    test: Split | FileSplit
     classes: list[str]
     groups: ShotGroups
     info: dict = field(default_factory=dict)
@@ -54,7 +77,13 @@ class LongTailData:
         return self.info["class_counts"]
 
 
-def _to_split(raw: sources.RawSplit, idx: np.ndarray | None = None) -> Split:
+def _to_split(raw: sources.RawSplit, idx: np.ndarray | None = None, root=None,
+              size: int | None = None) -> Split | FileSplit:
+    """The samples ``idx`` (all if None) of ``raw``: in memory, or file-backed (under ``root``, decoded to
+    ``size``) when ``raw`` was read without decoding."""
+    if raw.images is None:
+        files = raw.files if idx is None else [raw.files[i] for i in idx]
+        return FileSplit(root, files, raw.labels if idx is None else raw.labels[idx], size)
     images, labels = (raw.images, raw.labels) if idx is None else (raw.images[idx], raw.labels[idx])
     return Split(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(np.ascontiguousarray(labels)))
 
@@ -80,6 +109,8 @@ def _read_splits(cfg, log: Callable[[str], None]) -> tuple[sources.RawSplit, sou
     if name == "listfile":
         def read_list(key):
             path = getattr(cfg, key)
+            if cfg.streamed:
+                return sources.list_file_entries(path, root, cfg.num_classes)
             return cached_split(path, {"reader": "listfile", "image_root": str(root), "size": size, "k": cfg.num_classes},
                                 lambda: sources.read_list_file(path, root, size, cfg.num_classes, progress), cache, log)
         if not cfg.train_list or not cfg.test_list:
@@ -135,6 +166,16 @@ def build_data(cfg, log: Callable[[str], None] = print) -> LongTailData:
     if cfg.name not in DATASETS:
         raise DataError(f"unknown data.name {cfg.name!r}; allowed: {', '.join(DATASETS)}")
     train_src, test_src, own_val = _read_splits(cfg, log)
+    size = None
+    if cfg.streamed:
+        size = cfg.image_size or STREAM_IMAGE_SIZE
+        log(f"streaming {cfg.name} images from {cfg.root} (data.stream={str(cfg.stream).lower()}): training "
+            f"RandomResizedCrop({size}){' + flip' if cfg.flip else ''}, evaluation Resize({eval_resize(size)}) + "
+            f"CenterCrop({size})" + ("" if cfg.image_size else f" (data.image_size unset: {size})"))
+
+    def to_split(raw, idx=None):
+        return _to_split(raw, idx, cfg.root, size)
+
     k = len(train_src.classes)
     if cfg.num_classes is not None and cfg.num_classes != k and cfg.name != "synthetic":
         raise DataError(f"data.num_classes={cfg.num_classes} but the data has {k} classes")
@@ -165,19 +206,19 @@ def build_data(cfg, log: Callable[[str], None] = print) -> LongTailData:
     val_info: dict
     if cfg.val == "holdout" and own_val is None:
         train_idx, val_idx = _holdout(train_src.labels, selected, k, cfg.val_per_class, cfg.split_seed)
-        val = _to_split(train_src, val_idx)
+        val = to_split(train_src, val_idx)
         val_info = {"source": "holdout", "size": len(val_idx), "index_sha256": index_sha256(val_idx),
                     "per_class": class_counts(train_src.labels[val_idx], k)}
     else:
         train_idx = selected
         if cfg.val == "holdout":
-            val = _to_split(own_val)
+            val = to_split(own_val)
             val_info = {"source": "dataset val split", "size": len(val)}
         elif cfg.val == "test":
             val, val_info = None, {"source": "test", "size": len(test_src.labels)}
         else:
-            val, val_info = _to_split(train_src, train_idx), {"source": "train", "size": len(train_idx)}
-    train = _to_split(train_src, train_idx)
+            val, val_info = to_split(train_src, train_idx), {"source": "train", "size": len(train_idx)}
+    train = to_split(train_src, train_idx)
     counts_final = class_counts(train_src.labels[train_idx], k)
     groups = shot_groups(counts_final, cfg.many_threshold, cfg.few_threshold, cfg.group_fallback)
     info = {
@@ -185,6 +226,6 @@ def build_data(cfg, log: Callable[[str], None] = print) -> LongTailData:
         "imbalance_ratio": round(float(ratio), 4), "num_classes": k, "train_size": len(train_idx),
         "class_counts": counts_final, "subset_size": int(len(selected)), "index_sha256": subset_hash,
         "val": val_info, "test_size": int(len(test_src.labels)), "classes": train_src.classes,
-        "image_shape": list(train_src.images.shape[1:]),
+        "image_shape": list(train.image_shape), "streamed": cfg.streamed,
     }
-    return LongTailData(train, val, _to_split(test_src), list(train_src.classes), groups, info)
+    return LongTailData(train, val, to_split(test_src), list(train_src.classes), groups, info)

@@ -4,7 +4,8 @@ The training images live in memory as one uint8 ``N x 3 x H x W`` tensor. Each b
 with whole-batch tensor ops (random crop with zero padding, horizontal flip, optional Cutout), optionally
 RandAugment/AutoAugment per sample, converted to float and normalised. All randomness comes from generators
 seeded by ``(seed, epoch)``; the loader's state (epoch, batches consumed, augmentation generator) is part of the
-checkpoint, so a resumed run sees exactly the batches an uninterrupted run would.
+checkpoint, so a resumed run sees exactly the batches an uninterrupted run would. :class:`BaseLoader` holds what
+this loader shares with the streaming one (:mod:`tailwise.data.stream`): device normalisation and the batch count.
 """
 from __future__ import annotations
 
@@ -14,6 +15,14 @@ import torch
 
 SAMPLERS = ("instance", "class_balanced", "sqrt", "group_preferred")
 POLICIES = ("none", "randaugment", "autoaugment")
+
+
+def rank_slice(n: int, rank: int = 0, world: int = 1) -> slice:
+    """The contiguous part of ``n`` items that process ``rank`` of ``world`` takes: sizes differ by at most one
+    (the first ranks take the extra items), and concatenated in rank order the parts are the whole, in order."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
 
 
 def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
@@ -132,12 +141,18 @@ class Augment:
             from torchvision.transforms import v2
             self._policy = v2.RandAugment() if policy == "randaugment" else v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
 
-    def apply_policy(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """RandAugment / AutoAugment, one image at a time (torchvision), on a CPU uint8 batch."""
-        # torchvision draws from the global RNG: fork it, seeded from our generator, to stay reproducible
+    def apply_policy(self, x: torch.Tensor, g: torch.Generator, part: slice = slice(None)) -> torch.Tensor:
+        """RandAugment / AutoAugment, one image at a time (torchvision), on a CPU uint8 batch. Every image gets
+        its own seed drawn from ``g`` for the whole batch, so a process that transforms only its ``part`` of
+        the batch (the others are returned unchanged) gets the same images as one process transforming all."""
+        seeds = torch.randint(0, 2**62, (len(x),), generator=g).tolist()
+        out = x.clone()
+        # torchvision draws from the global RNG: fork it and seed it per image, to stay reproducible
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
-            return torch.stack([self._policy(img) for img in x])
+            for i in range(len(x))[part]:
+                torch.manual_seed(seeds[i])
+                out[i] = self._policy(x[i])
+        return out
 
     def __call__(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """Crop, flip and Cutout of a uint8 batch on any device (the policy is applied before, on the CPU)."""
@@ -148,40 +163,71 @@ class Augment:
 
 
 # -------------------------------------------------------------------------------------------------------- loader
-class BatchLoader:
-    """Iterates ``(images float N x 3 x H x W normalised, labels)`` batches on ``device``.
-
-    ``sampler=None`` gives sequential, unaugmented batches (evaluation). For training, one ``iter()`` is one
-    epoch: it resumes at ``position`` if the loader was restored mid-epoch.
-    """
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, mean: Sequence[float],
-                 std: Sequence[float], sampler: Sampler | None = None, augment: Augment | None = None,
-                 device: str | torch.device = "cpu", drop_last: bool = False, channels_last: bool = False):
-        self.images, self.labels = images, labels
-        self.batch_size, self.sampler, self.augment = batch_size, sampler, augment
-        self.device, self.drop_last, self.channels_last = torch.device(device), drop_last, channels_last
-        self.set_normalization(mean, std)
-        self.epoch, self.position = 0, 0
-        self._aug_state: torch.Tensor | None = None
+class BaseLoader:
+    """What the in-memory :class:`BatchLoader` and the streaming :class:`tailwise.data.stream.StreamLoader` share:
+    normalisation on the device, and the batch count. A subclass sets ``sampler`` (None for evaluation),
+    ``labels`` (this process's, for evaluation), ``batch_size`` (global), ``drop_last``, ``world``, ``device``
+    and ``channels_last``."""
 
     def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
         """Per-channel mean / std in [0, 1]: batches are ``(x / 255 - mean) / std``."""
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1) * 255
 
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 images -> normalised float on the loader's device (and memory format)."""
+        x = (x.to(self.device, non_blocking=True).float() - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
     def __len__(self) -> int:
         n = len(self.sampler) if self.sampler is not None else len(self.labels)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        short = self.sampler is not None and 0 < n % self.batch_size < self.world
+        return n // self.batch_size if self.drop_last or short else -(-n // self.batch_size)
+
+
+class BatchLoader(BaseLoader):
+    """Iterates ``(images float N x 3 x H x W normalised, labels)`` batches on ``device``.
+
+    ``sampler=None`` gives sequential, unaugmented batches (evaluation). For training, one ``iter()`` is one
+    epoch: it resumes at ``position`` if the loader was restored mid-epoch.
+
+    Under data parallelism (``world`` processes, this one ``rank``) ``batch_size`` is the global batch: every
+    process draws the same index sequence and augmentation randomness and keeps its :func:`rank_slice` of each
+    batch, so the processes together see exactly the batches of one process. A final batch smaller than
+    ``world`` is dropped (a process would get no image). Evaluation batches cover the process's
+    :func:`rank_slice` of the split.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, mean: Sequence[float],
+                 std: Sequence[float], sampler: Sampler | None = None, augment: Augment | None = None,
+                 device: str | torch.device = "cpu", drop_last: bool = False, channels_last: bool = False,
+                 rank: int = 0, world: int = 1):
+        if sampler is None and world > 1:
+            part = rank_slice(len(labels), rank, world)
+            images, labels = images[part], labels[part]
+        self.images, self.labels = images, labels
+        self.batch_size, self.sampler, self.augment = batch_size, sampler, augment
+        self.device, self.drop_last, self.channels_last = torch.device(device), drop_last, channels_last
+        self.rank, self.world = rank, world
+        self.batch_total = batch_size  # images in the current global batch (all processes together)
+        self.set_normalization(mean, std)
+        self.epoch, self.position = 0, 0
+        self._aug_state: torch.Tensor | None = None
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.epoch, self.position, self._aug_state = epoch, 0, None
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 images -> normalised float on the loader's device (and memory format)."""
-        x = (x.to(self.device, non_blocking=True).float() - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+    def augmented_batch(self, idx: torch.Tensor, g: torch.Generator, part: slice = slice(None)) -> torch.Tensor:
+        """The training images ``idx`` (uint8, on the device) under the training augmentation, its random draws
+        taken from ``g``; the per-image policy is applied to ``part`` only (see :meth:`Augment.apply_policy`)."""
+        x = self.images[idx]
+        if self.augment is not None and self.augment.policy != "none":
+            x = self.augment.apply_policy(x, g, part)  # per-image torchvision policy: on the CPU uint8 batch
+        x = x.to(self.device, non_blocking=True)
+        if self.augment is not None:
+            x = self.augment(x, g)  # the whole batch, so the random draws do not depend on the rank
+        return x
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.sampler is None:
@@ -195,14 +241,10 @@ class BatchLoader:
             g.set_state(self._aug_state)
         for b in range(self.position, len(self)):
             idx = indices[b * self.batch_size:(b + 1) * self.batch_size]
-            x = self.images[idx]
-            if self.augment is not None and self.augment.policy != "none":
-                x = self.augment.apply_policy(x, g)  # per-image torchvision policy: on the CPU uint8 batch
-            x = x.to(self.device, non_blocking=True)
-            if self.augment is not None:
-                x = self.augment(x, g)
-            self.position, self._aug_state = b + 1, g.get_state()
-            yield self.normalize(x), self.labels[idx].to(self.device)
+            part = rank_slice(len(idx), self.rank, self.world)
+            x = self.augmented_batch(idx, g, part)
+            self.position, self._aug_state, self.batch_total = b + 1, g.get_state(), len(idx)
+            yield self.normalize(x[part]), self.labels[idx[part]].to(self.device)
         self.epoch, self.position, self._aug_state = self.epoch + 1, 0, None
 
     def state_dict(self) -> dict:

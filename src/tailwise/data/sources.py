@@ -1,7 +1,8 @@
 """Readers that turn a dataset on disk into decoded uint8 arrays.
 
 Every reader returns :class:`RawSplit` objects: ``images`` uint8 ``N x 3 x H x W``, ``labels`` int64 ``N``,
-``files`` (one name per sample, for error messages and provenance) and ``classes``.
+``files`` (one name per sample, for error messages and provenance) and ``classes``. List files can also be read
+without decoding (:func:`list_file_entries`, ``images`` None) for the streamed path.
 
 Sample order (it defines the CIFAR-LT subset): CIFAR pickles in file order; image folders by class folder
 (sorted names = label order), then by file name; list files in line order.
@@ -25,7 +26,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".t
 
 @dataclass
 class RawSplit:
-    images: np.ndarray  # uint8, N x 3 x H x W
+    images: np.ndarray | None  # uint8, N x 3 x H x W; None for list-file entries read without decoding
     labels: np.ndarray  # int64, N
     files: list[str]
     classes: list[str]
@@ -212,9 +213,18 @@ def is_cifar_pickle_dir(root, num_classes: int) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------- list files
-def read_list_file(list_file, image_root, size: int | None, num_classes: int | None = None,
-                   progress: Callable | None = None) -> RawSplit:
-    """Read an ImageNet-LT / Places-LT / iNaturalist-2018 split file: ``<relative path> <label>`` per line."""
+def parse_list_line(line: str) -> tuple[str, int] | None:
+    """One line of a list file, ``<relative path> <label>`` (the path may contain spaces) -> (path, label);
+    None when the line does not have that form. Blank lines are the caller's to skip."""
+    parts = line.rsplit(maxsplit=1)
+    if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+        return None
+    return parts[0], int(parts[1])
+
+
+def list_file_entries(list_file, image_root, num_classes: int | None = None) -> RawSplit:
+    """The entries of an ImageNet-LT / Places-LT / iNaturalist-2018 split file (``<relative path> <label>`` per
+    line), checked (form, label range, files present under ``image_root``) but not decoded: ``images`` is None."""
     list_file = Path(list_file)
     if not list_file.is_file():
         raise DataError(f"list file {list_file} not found")
@@ -222,24 +232,32 @@ def read_list_file(list_file, image_root, size: int | None, num_classes: int | N
     for lineno, line in enumerate(list_file.read_text().splitlines(), 1):
         if not line.strip():
             continue
-        parts = line.rsplit(maxsplit=1)
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+        entry = parse_list_line(line)
+        if entry is None:
             raise DataError(f"{list_file}:{lineno}: expected '<relative path> <label>', got {line!r}")
-        label = int(parts[1])
+        path, label = entry
         if label < 0 or (num_classes is not None and label >= num_classes):
-            raise DataError(f"{list_file}:{lineno}: label {label} out of range [0, {num_classes}) for {parts[0]}")
-        paths.append(parts[0])
+            raise DataError(f"{list_file}:{lineno}: label {label} out of range [0, {num_classes}) for {path}")
+        paths.append(path)
         labels.append(label)
     if not paths:
         raise DataError(f"list file {list_file} has no entries")
     root = Path(image_root)
     missing = [p for p in paths if not (root / p).is_file()]
     if missing:
-        raise DataError(f"{len(missing)} images of {list_file} are missing under {root}, e.g. {root / missing[0]}")
-    arrays, _ = _decode_all(((p, (root / p).read_bytes()) for p in paths), size, progress)
+        raise DataError(f"{len(missing)} images of {list_file} are missing under {root}, e.g. {root / missing[0]}; "
+                        "list every problem with `tailwise data verify`")
     n = num_classes if num_classes is not None else max(labels) + 1
-    return RawSplit(_stack(arrays, paths, size), np.asarray(labels, dtype=np.int64), paths,
-                    [str(i) for i in range(n)])
+    return RawSplit(None, np.asarray(labels, dtype=np.int64), paths, [str(i) for i in range(n)])
+
+
+def read_list_file(list_file, image_root, size: int | None, num_classes: int | None = None,
+                   progress: Callable | None = None) -> RawSplit:
+    """Read and decode a list file's images (:func:`list_file_entries`), in line order."""
+    entries = list_file_entries(list_file, image_root, num_classes)
+    root = Path(image_root)
+    arrays, _ = _decode_all(((p, (root / p).read_bytes()) for p in entries.files), size, progress)
+    return RawSplit(_stack(arrays, entries.files, size), entries.labels, entries.files, entries.classes)
 
 
 # ---------------------------------------------------------------------------------------------------- synthetic

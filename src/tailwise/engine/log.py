@@ -7,12 +7,13 @@ from pathlib import Path
 
 
 class MetricsLog:
-    """Appends one JSON object per epoch to ``metrics.jsonl``; mirrors scalars to TensorBoard if asked."""
+    """Appends one JSON object per epoch to ``metrics.jsonl``; mirrors scalars to TensorBoard if asked.
+    ``enabled=False`` (processes other than rank 0 of a data-parallel run) writes nothing."""
 
-    def __init__(self, path: str | Path, tensorboard_dir: str | Path | None = None):
+    def __init__(self, path: str | Path, tensorboard_dir: str | Path | None = None, enabled: bool = True):
         self.path = Path(path)
-        self.writer = None
-        if tensorboard_dir is not None:
+        self.writer, self.enabled = None, enabled
+        if tensorboard_dir is not None and enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
@@ -23,13 +24,15 @@ class MetricsLog:
 
     def truncate_after(self, epoch: int) -> None:
         """Drop records of epochs >= ``epoch`` (written after the checkpoint a resume starts from)."""
-        if not self.path.exists():
+        if not self.enabled or not self.path.exists():
             return
         keep = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("epoch", -1) < epoch]
         self.path.write_text("".join(line + "\n" for line in keep))
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         if self.writer is not None:

@@ -27,7 +27,8 @@ from .. import __version__
 from ..compress.cost import count_macs, count_params
 from ..config import Config, dump_config
 from ..data.dataset import LongTailData, build_data
-from ..data.loader import Augment, BatchLoader, Sampler
+from ..data.factory import make_train_loader
+from ..data.stats import normalization
 from ..deploy import _resize_to, save_model
 from ..errors import TrainingError
 from ..eval.evaluate import evaluate_split
@@ -35,6 +36,7 @@ from ..losses import build_loss
 from ..methods import Method, build_method
 from ..models import build_model
 from .branch import copy_source_metrics, load_branch_point, read_branch_record, write_branch_record
+from .dist import Dist, use_global_batchnorm
 from .checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 from .log import MetricsLog, format_groups, progress_mode
 from .schedule import LRSchedule
@@ -58,11 +60,19 @@ class TrainContext:
     epoch: int = 0
     step: int = 0
     extras: dict = field(default_factory=dict)
+    batch_share: float = 1.0  # this process's loss weight in the current step (engine.dist rule 1); 1 alone
+
+    @property
+    def dist(self) -> Dist:
+        """The data-parallel job (:mod:`tailwise.engine.dist`); a single process unless run under torchrun."""
+        return self.trainer.dist
 
     def rebuild_optimizer(self, carry: dict | None = None) -> None:
         """New optimizer over ``model.parameters()``; parameters that survived keep their state, and
         ``carry`` maps new parameters to the state they should start from (e.g. sliced momentum)."""
         old = self.optimizer
+        if self.dist.enabled:  # surgery may have created plain BatchNorm layers
+            use_global_batchnorm(self.model)
         self.optimizer = self.trainer.make_optimizer(self.model)
         for group_new, group_old in zip(self.optimizer.param_groups, old.param_groups):
             group_new["lr"] = group_old["lr"]
@@ -75,21 +85,6 @@ class TrainContext:
 
     def evaluate(self, split: str = "val") -> dict | None:
         return self.trainer.evaluate(split)
-
-
-def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
-    """Per-channel mean and standard deviation in [0, 1] of uint8 ``N x C x H x W`` images, accumulated in
-    float64 over chunks (no full float copy of the dataset)."""
-    total = torch.zeros(images.shape[1], dtype=torch.float64)
-    squares = torch.zeros_like(total)
-    for start in range(0, len(images), chunk):
-        x = images[start:start + chunk].double()
-        total += x.sum(dim=(0, 2, 3))
-        squares += (x * x).sum(dim=(0, 2, 3))
-    n = images.numel() / images.shape[1]
-    mean = total / n
-    std = (squares / n - mean * mean).clamp_min(0).sqrt()
-    return (mean / 255).tolist(), (std / 255).tolist()
 
 
 def _pick_device(setting: str) -> torch.device:
@@ -108,13 +103,20 @@ def _versions() -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, out: str | Path, log: Callable[[str], None] | None = None):
+    """One run. Under torchrun, ``dist`` is this process's place in the job (:mod:`.dist`): every process
+    builds the same run and trains on its share of each batch; only rank 0 logs and writes files."""
+
+    def __init__(self, cfg: Config, out: str | Path, log: Callable[[str], None] | None = None,
+                 dist: Dist | None = None, device: str | None = None):
         self.cfg, self.out = cfg, Path(out)
+        self.dist = dist or Dist()
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        if not self.dist.is_main:
+            self.log = lambda msg: None
         self._stop_signal: int | None = None
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
-        self.device = _pick_device(cfg.run.device)
+        self.device = _pick_device(device or cfg.run.device)
         self.channels_last = cfg.train.channels_last  # NHWC, unless a method switches back (use_contiguous_format)
         seed_everything(cfg.run.seed)
         self.data = build_data(cfg.data, self.log)
@@ -123,29 +125,28 @@ class Trainer:
         self.loss_fn = build_loss(cfg.loss.name, counts, **cfg.loss.kwargs()).to(self.device)
         normed = cfg.model.normed_head if cfg.model.normed_head is not None else self.loss_fn.requires_normed_head
         self.model = self._place(build_model(cfg.model.name, d.num_classes, normed_head=normed))
-        mean, std = channel_stats(d.train.images)
-        self.mean, self.std = cfg.data.mean or mean, cfg.data.std or std
+        self.mean, self.std = normalization(d.train, cfg.data, self.log)  # data.mean/std, else of the data
         self.optimizer = self.make_optimizer(self.model)
         self.schedule = LRSchedule.from_config(t)
         self.scaler = torch.amp.GradScaler("cuda", enabled=t.amp and self.device.type == "cuda")
-        self.train_loader = BatchLoader(
-            d.train.images, d.train.labels, t.batch_size, self.mean, self.std,
-            sampler=Sampler(d.train.labels, t.sampler, cfg.run.seed, t.batch_size),
-            augment=Augment(cfg.data.crop_padding, cfg.data.flip, cfg.data.cutout, cfg.data.policy),
-            device=self.device, channels_last=t.channels_last)
+        self.train_loader = make_train_loader(d.train, cfg, self.mean, self.std, self.device, self.dist.rank,
+                                              self.dist.world)
         self.method: Method = build_method(cfg.method)
         self.ctx = TrainContext(cfg, self.model, self.optimizer, self.loss_fn, d, self.device, self)
-        example = d.train.images[:1].float().to(self.device)  # the base architecture's cost, before a method adds to it
+        example = d.train.example(1).float().to(self.device)  # the base architecture's cost, before a method adds to it
         self.dense_cost = {"params": count_params(self.model), "macs": count_macs(self.model, example)}
         self.method.setup(self.ctx)
         self.start_epoch, self.best, self.elapsed = 0, None, 0.0
         self.epoch_stats = {"loss": 0.0, "correct": 0, "seen": 0, "counted": 0}
-        self.metrics = MetricsLog(self.out / "metrics.jsonl", self.out / "tensorboard" if cfg.run.tensorboard else None)
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", self.out / "tensorboard" if cfg.run.tensorboard else None,
+                                  enabled=self.dist.is_main)
 
     # ---------------------------------------------------------------------------------------------- pieces
     def _place(self, model: nn.Module) -> nn.Module:
         """Move ``model`` to the run's device and memory format (in place; returned for convenience)."""
         model.to(self.device)
+        if self.dist.enabled:
+            use_global_batchnorm(model)
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
     def use_contiguous_format(self) -> None:
@@ -171,7 +172,7 @@ class Trainer:
         try:
             return evaluate_split(lambda x: self.method.predict(self.ctx, x), data, self.data.groups, self.mean,
                                   self.std, self.cfg.train.eval_batch_size, self.device, self.loss_fn.adjust_logits,
-                                  self.cfg.train.amp, self.channels_last)
+                                  self.cfg.train.amp, self.channels_last, self.dist, self.cfg.run.workers)
         finally:
             self.ctx.model.train(was_training)
 
@@ -184,7 +185,8 @@ class Trainer:
                 "normalization": {"mean": list(self.mean), "std": list(self.std)}}
 
     def save(self, epoch: int) -> None:
-        save_checkpoint(self.out / "checkpoints" / "last.pt", self._state(epoch))
+        if self.dist.is_main:
+            save_checkpoint(self.out / "checkpoints" / "last.pt", self._state(epoch))
 
     def resume(self) -> None:
         path = self.out / "checkpoints" / "last.pt"
@@ -204,8 +206,9 @@ class Trainer:
         state, record = load_branch_point(checkpoint, self.cfg, self.method.first_active_epoch())
         self._load_training_state(state)
         self.best = None
-        copy_source_metrics(Path(record["source"]), self.metrics.path, self.start_epoch)
-        write_branch_record(self.out, record)
+        if self.dist.is_main:
+            copy_source_metrics(Path(record["source"]), self.metrics.path, self.start_epoch)
+            write_branch_record(self.out, record)
         self.log(f"branched {self.out} from {checkpoint} at epoch {self.start_epoch}")
 
     def _load_training_state(self, state: dict) -> None:
@@ -240,26 +243,29 @@ class Trainer:
         ctx.model.train()
         stats = self.epoch_stats
         bar = None
-        if progress_mode(self.cfg.run.progress) == "bar":
+        if progress_mode(self.cfg.run.progress) == "bar" and self.dist.is_main:
             from tqdm import tqdm
 
             bar = tqdm(total=len(self.train_loader), initial=self.train_loader.position,
                        desc=f"epoch {epoch + 1}/{t.epochs}", leave=False, dynamic_ncols=True)
         for x, y in self.train_loader:
-            with torch.autocast(self.device.type, enabled=t.amp):
+            ctx.batch_share = len(y) * self.dist.world / self.train_loader.batch_total
+            with torch.autocast(self.device.type, enabled=t.amp), self.dist.data_parallel():
                 loss, logits = self.method.training_loss(ctx, x, y), None
                 if isinstance(loss, tuple):  # the method also hands back the logits it computed
                     loss, logits = loss
                 if loss is None:
                     logits = ctx.model(x)
                     loss = self.loss_fn(logits.float(), y)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise TrainingError(f"the training loss became {value} at epoch {epoch + 1}, step {ctx.step}; "
+                ctx.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss * ctx.batch_share if self.dist.enabled else loss).backward()
+            correct = int((logits.argmax(1) == y).sum()) if logits is not None else 0
+            loss_sum, seen, correct = self.dist.sync_step(  # gradients averaged over processes
+                list(ctx.model.parameters()), [float(loss.detach()) * len(y), len(y), correct])
+            if not math.isfinite(loss_sum):
+                raise TrainingError(f"the training loss became {loss_sum / seen} at epoch {epoch + 1}, step {ctx.step}; "
                                     "lower train.lr or enable train.grad_clip. The last good checkpoint is kept "
                                     f"in {self.out / 'checkpoints'}")
-            ctx.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
             self.method.after_backward(ctx)
             if t.grad_clip:
                 self.scaler.unscale_(ctx.optimizer)
@@ -268,15 +274,15 @@ class Trainer:
             self.scaler.update()
             self.method.after_step(ctx)
             ctx.step += 1
-            stats["loss"] += value * len(y)
-            stats["seen"] += len(y)
+            stats["loss"] += loss_sum
+            stats["seen"] += int(seen)
             if logits is not None:
-                stats["correct"] += int((logits.argmax(1) == y).sum())
-                stats["counted"] += len(y)
+                stats["correct"] += int(correct)
+                stats["counted"] += int(seen)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats['loss'] / stats['seen']:.4f}", lr=f"{lr:.4g}")
-            if self._stop_signal is not None:
+            if self.dist.any(self._stop_signal is not None):  # a signal reached some process: all stop here
                 self.save(epoch)
                 raise Interrupted(f"interrupted at epoch {epoch + 1}; checkpoint saved. Continue with "
                                   f"`tailwise run --resume {self.out}`")
@@ -291,7 +297,9 @@ class Trainer:
         try:
             self.log(f"training {cfg.model.name} on {self.data.info['name']} ({self.data.info['train_size']} images, "
                      f"{self.data.num_classes} classes, groups {self.data.groups.sizes()}) with loss {cfg.loss.name}, "
-                     f"method {cfg.method['name']}, on {self.device}; run directory {self.out}")
+                     f"method {cfg.method['name']}, on {self.device}"
+                     + (f" x {self.dist.world} processes ({self.dist.backend}, global batch {cfg.train.batch_size})"
+                        if self.dist.enabled else "") + f"; run directory {self.out}")
             for epoch in range(self.start_epoch, cfg.train.epochs):
                 start = time.perf_counter()
                 record = {"epoch": epoch, **self.train_epoch(epoch)}
@@ -306,10 +314,11 @@ class Trainer:
                 self.metrics.write(record)
                 if val is not None and cfg.run.keep_best and self.method.selectable(epoch) and (self.best is None or val["balanced"] > self.best["val"]["balanced"]):
                     self.best = {"epoch": epoch, "val": {k: v for k, v in val.items() if k != "per_class"}}
-                    save_checkpoint(self.out / "checkpoints" / "best.pt",
-                                    {"model": self.ctx.model.state_dict(), "method": self.method.state_dict(), "epoch": epoch})
+                    if self.dist.is_main:
+                        save_checkpoint(self.out / "checkpoints" / "best.pt", {
+                            "model": self.ctx.model.state_dict(), "method": self.method.state_dict(), "epoch": epoch})
                 self.save(epoch + 1)
-                if epoch + 1 in cfg.run.keep_checkpoints:  # e.g. the epoch pruned runs branch from
+                if epoch + 1 in cfg.run.keep_checkpoints and self.dist.is_main:  # e.g. the epoch pruned runs branch from
                     shutil.copyfile(self.out / "checkpoints" / "last.pt",
                                     self.out / "checkpoints" / f"epoch_{epoch + 1:03d}.pt")
                 self.log(f"epoch {epoch + 1}/{cfg.train.epochs}  lr {record['lr']:.4g}  loss {record['train_loss']:.4f}  "
@@ -323,6 +332,7 @@ class Trainer:
     def _evaluate_best(self) -> dict | None:
         if self.best is None:
             return None
+        self.dist.barrier()  # rank 0 wrote it
         best = load_checkpoint(self.out / "checkpoints" / "best.pt", "cpu")
         current_model, current_method = self.ctx.model, self.method.state_dict()
         model = copy.deepcopy(current_model)
@@ -347,13 +357,14 @@ class Trainer:
                 test = self.evaluate("test")
             finally:
                 self.ctx.model = trained
-        example = d.train.images[:1].float().to(self.device)
+        example = d.train.example(1).float().to(self.device)
         cost = {"params": count_params(deployed), "macs": count_macs(deployed, example),
                 "params_dense": self.dense_cost["params"], "macs_dense": self.dense_cost["macs"]}
         cost["flops"] = 2 * cost["macs"]  # FLOPs = 2 x MACs (multiply + add)
         cost["F"] = round(100.0 * cost["macs"] / cost["macs_dense"], 4)
-        preprocess = {"mean": self.mean, "std": self.std, "input_shape": list(d.train.images.shape[1:])}
-        save_model(deployed, self.out / "model", preprocess, d.classes)
+        preprocess = {"mean": self.mean, "std": self.std, "input_shape": list(d.train.image_shape)}
+        if self.dist.is_main:
+            save_model(deployed, self.out / "model", preprocess, d.classes)
         result = {
             "dataset": {k: v for k, v in d.info.items() if k != "classes"},
             "groups": d.groups.to_json(),
@@ -374,7 +385,11 @@ class Trainer:
         branched = read_branch_record(self.out)
         if branched is not None:
             result["branched_from"] = branched
-        atomic_write_json(self.out / "result.json", result)
+        if self.dist.enabled:
+            result["distributed"] = {"world_size": self.dist.world, "backend": self.dist.backend}
+        if self.dist.is_main:
+            atomic_write_json(self.out / "result.json", result)
+        self.dist.barrier()  # every process returns once the run is complete on disk
         return result
 
 

@@ -7,23 +7,30 @@ from typing import Callable
 import torch
 
 from ..data.dataset import Split
-from ..data.loader import BatchLoader
+from ..data.factory import make_eval_loader
 from ..data.longtail import ShotGroups
 from .metrics import summarize
 
 
 def evaluate_split(predict: Callable[[torch.Tensor], torch.Tensor], split: Split, groups: ShotGroups,
                    mean, std, batch_size: int = 512, device="cpu", adjust: Callable | None = None,
-                   amp: bool = False, channels_last: bool = False) -> dict:
-    """Accuracy summary of ``argmax(adjust(predict(x)))`` over ``split`` (in order, unaugmented)."""
-    loader = BatchLoader(split.images, split.labels, batch_size, mean, std, device=device, channels_last=channels_last)
+                   amp: bool = False, channels_last: bool = False, dist=None, workers: int = 0) -> dict:
+    """Accuracy summary of ``argmax(adjust(predict(x)))`` over ``split`` (in order, unaugmented). In a
+    data-parallel run (``dist``, :class:`tailwise.engine.dist.Dist`) every process predicts its
+    ``rank_slice`` of the split and the predictions are gathered in order, so every process gets the summary
+    of the whole split, each image counted once. ``workers`` decoding processes serve a streamed split."""
+    rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
+    loader = make_eval_loader(split, batch_size, mean, std, device, channels_last, workers, rank=rank, world=world)
     device = torch.device(device)
     preds = []
     with torch.no_grad(), torch.autocast(device.type, enabled=amp):
         for x, _ in loader:
             logits = predict(x).float()
-            preds.append((adjust(logits) if adjust is not None else logits).argmax(1).cpu())
-    return summarize(torch.cat(preds), split.labels, groups)
+            preds.append((adjust(logits) if adjust is not None else logits).argmax(1))
+    preds = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=device)
+    if dist is not None:
+        preds = dist.gather(preds)
+    return summarize(preds.cpu(), split.labels, groups)
 
 
 def evaluate_run(run_dir: Path, device: str = "cpu") -> dict:
@@ -44,5 +51,5 @@ def evaluate_run(run_dir: Path, device: str = "cpu") -> dict:
     loss = build_loss(cfg.loss.name, data.class_counts, **cfg.loss.kwargs()).to(device)
     pre = model.preprocess
     acc = evaluate_split(model, data.test, data.groups, pre["mean"], pre["std"], cfg.train.eval_batch_size, device,
-                         loss.adjust_logits)
+                         loss.adjust_logits, workers=cfg.run.workers)
     return {k: v for k, v in acc.items() if k != "group_sizes"}

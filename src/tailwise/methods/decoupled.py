@@ -85,6 +85,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.factory import make_eval_loader
 from ..data.loader import Sampler, _generator
 from ..models.ensemble import AGGREGATIONS, SubModelEnsemble, aggregate, group_weights, view_probabilities
 from ..errors import ConfigError, TrainingError
@@ -402,22 +403,20 @@ class Decoupled(Method):
     # ------------------------------------------------------------------------------------------ decoupling
     def importance(self, ctx) -> list[torch.Tensor]:
         """``sum_b (w · g_b)^2`` over the scoring pass of the stage's classes (eval mode, unaugmented)."""
-        s, model, loader = self.stages[self.stage], ctx.model, ctx.trainer.train_loader
-        labels = ctx.data.train.labels
+        s, model, tr = self.stages[self.stage], ctx.model, ctx.trainer
         member = torch.zeros(ctx.data.num_classes, dtype=torch.bool)
         member[s.classes] = True
-        idx = torch.where(member[labels])[0]
+        idx = torch.where(member[ctx.data.train.labels])[0]
         bs = ctx.cfg.train.batch_size
+        if self.options.importance_batches is not None:
+            idx = idx[:self.options.importance_batches * bs]
+        loader = make_eval_loader(ctx.data.train.subset(idx), bs, tr.mean, tr.std, ctx.device,
+                                  tr.train_loader.channels_last, ctx.cfg.run.workers)
         scores = [torch.zeros(p.shape, dtype=torch.float64, device=p.device) for _, p in self.params]
         was = model.training
         model.eval()
         try:
-            for b, start in enumerate(range(0, len(idx), bs)):
-                if self.options.importance_batches is not None and b >= self.options.importance_batches:
-                    break
-                batch = idx[start:start + bs]
-                x = loader.normalize(ctx.data.train.images[batch])
-                y = labels[batch].to(ctx.device)
+            for x, y in loader:
                 loss = compensation_loss(model(x), y, self.log_alpha[self.stage])
                 grads = torch.autograd.grad(loss, [p for _, p in self.params], allow_unused=True)
                 for sc, g, (_, p) in zip(scores, grads, self.params):
@@ -443,7 +442,7 @@ class Decoupled(Method):
         """TPD at the end of stage ``self.stage``; then move to the next stage."""
         o, t, s = self.options, self.stage, self.stages[self.stage]
         cpo = self._eval_live(ctx)
-        scores = [sc.cpu() for sc in self.importance(ctx)]
+        scores = [sc.cpu() for sc in ctx.dist.average_all_(self.importance(ctx))]  # identical on every process
         free = [(ow == 0).cpu() for ow in self.owner]
         gamma, sweep = s.gamma, None
         if o.gamma_select == "sweep":
@@ -468,11 +467,7 @@ class Decoupled(Method):
             if steps > 0:
                 j = ((k - 1) * bs) % max(1, len(indices))
                 batch = indices[j:j + bs]
-                x = ctx.data.train.images[batch]
-                if loader.augment is not None:  # the training augmentation, policy included
-                    if loader.augment.policy != "none":
-                        x = loader.augment.apply_policy(x, g)
-                    x = loader.augment(x.to(ctx.device), g)
+                x = loader.augmented_batch(batch, g)  # the training augmentation, policy included
                 y = ctx.data.train.labels[batch].to(ctx.device)
                 losses.append(self._retrain_step(ctx, loader.normalize(x), y))
         pruned = self._pruned
@@ -586,11 +581,9 @@ class Decoupled(Method):
         data = {"val": ctx.data.val, "test": ctx.data.test}[split]
         if data is None:
             return None
-        from ..data.loader import BatchLoader
-
         tr, tta, n = ctx.trainer, self._tta(ctx), len(self.submodels) + 1
-        loader = BatchLoader(data.images, data.labels, ctx.cfg.train.eval_batch_size, tr.mean, tr.std,
-                             device=ctx.device)
+        loader = make_eval_loader(data, ctx.cfg.train.eval_batch_size, tr.mean, tr.std, ctx.device,
+                                  workers=ctx.cfg.run.workers)
         was = ctx.model.training
         ctx.model.eval()
         try:
@@ -606,14 +599,12 @@ class Decoupled(Method):
         image of the aggregation in use, measured over ``split``."""
         import time
 
-        from ..data.loader import BatchLoader
-
         data = {"val": ctx.data.val, "test": ctx.data.test}[split]
         if data is None:
             return {}
         tr = ctx.trainer
-        loader = BatchLoader(data.images, data.labels, ctx.cfg.train.eval_batch_size, tr.mean, tr.std,
-                             device=ctx.device)
+        loader = make_eval_loader(data, ctx.cfg.train.eval_batch_size, tr.mean, tr.std, ctx.device,
+                                  workers=ctx.cfg.run.workers)
         was = ctx.model.training
         ctx.model.eval()
         lams, elapsed = [], 0.0

@@ -370,8 +370,8 @@ class MoreRebalancing(Method):
         deployed = merge(model)
         if ctx.cfg.train.channels_last:
             deployed = deployed.to(memory_format=torch.channels_last)
-        inputs = [torch.randn(8, *ctx.data.train.images.shape[1:], generator=torch.Generator().manual_seed(0))]
-        real = ctx.data.test.images[:32].float()
+        inputs = [torch.randn(8, *ctx.data.train.image_shape, generator=torch.Generator().manual_seed(0))]
+        real = ctx.data.test.example(32).float()
         mean = torch.tensor(ctx.trainer.mean).view(1, -1, 1, 1) * 255 if ctx.trainer is not None else 127.5
         std = torch.tensor(ctx.trainer.std).view(1, -1, 1, 1) * 255 if ctx.trainer is not None else 63.75
         inputs.append((real - mean) / std)

@@ -111,7 +111,7 @@ class Plasticity(Method):
     # ---------------------------------------------------------------------------------------------- set-up
     def setup(self, ctx) -> None:
         o = self.options
-        self.example = ctx.data.train.images[:1].float().to(ctx.device)
+        self.example = ctx.data.train.example(1).float().to(ctx.device)
         self.groups = channel_groups(ctx.model, self.example, o.scope)
         if not self.groups:
             raise TrainingError(f"method plasticity: the model has no {o.scope} channel groups to modify; "
@@ -159,10 +159,11 @@ class Plasticity(Method):
         loss = ctx.loss_fn(logits.float(), y)
         scaler = getattr(ctx.trainer, "scaler", None)
         scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
-        (dz,) = torch.autograd.grad(loss * scale, logits, retain_graph=True)
+        (dz,) = torch.autograd.grad(loss * (scale * ctx.batch_share), logits, retain_graph=True)
         dz = dz * self.weights.to(dz.device, dz.dtype)[y].unsqueeze(1)
         tensors = [getattr(ctx.model.get_submodule(m), t) for m, t in self.score_tensors]
         grads = torch.autograd.grad(logits, tensors, grad_outputs=dz, retain_graph=True, allow_unused=True)
+        grads = ctx.dist.average_all_(list(grads))  # the global batch's gradient, as the trainer's (engine.dist)
         by_id = {id(t): (g / scale if g is not None and scale != 1.0 else g) for t, g in zip(tensors, grads)}
         self._accumulate(ctx, lambda t: by_id.get(id(t)))
         return loss, logits
@@ -216,6 +217,7 @@ class Plasticity(Method):
             scores = self._per_channel(ctx.model, lambda t: t.abs())
         else:
             scores = self.window or [torch.zeros(g.size, dtype=torch.float64) for g in self.groups]
+        scores = ctx.dist.average_all_(scores)  # identical ranking on every process
         event = self.apply_event(ctx, [s.cpu() for s in scores], epoch)
         self.window, self.window_steps = None, 0
         return {"plasticity": event}

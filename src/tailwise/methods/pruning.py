@@ -89,7 +89,7 @@ class StructuredPruning(Method):
 
     # ---------------------------------------------------------------------------------------------- set-up
     def setup(self, ctx) -> None:
-        self.example = ctx.data.train.images[:1].float().to(ctx.device)
+        self.example = ctx.data.train.example(1).float().to(ctx.device)
         self.model, self.trainer = ctx.model, getattr(ctx, "trainer", None)
         self.build_structures(ctx.model)
         self.generator = torch.Generator().manual_seed(ctx.cfg.run.seed + 7)
@@ -145,7 +145,7 @@ class StructuredPruning(Method):
         record = {}
         if (epoch + 1) in self.stage_epochs:
             stage = self.stage_epochs.index(epoch + 1) + 1
-            scores = self.scores(ctx, epoch, val)
+            scores = ctx.dist.average_all_(self.scores(ctx, epoch, val))  # identical ranking on every process
             selection = self.select(scores, stage)
             steps = self.options.decay_steps or len(ctx.trainer.train_loader)
             self.masks.prune(selection, steps if self.options.zeroing == "progressive" else 1)
@@ -247,7 +247,7 @@ class StructuredPruning(Method):
     def _compressed(self, ctx):
         """The physically compressed copy of ``ctx.model`` (checked against the masked model on real images)."""
         batch = ctx.data.val if ctx.data.val is not None else ctx.data.test
-        real = ctx.trainer.train_loader.normalize(batch.images[:64])
+        real = ctx.trainer.train_loader.normalize(batch.example(64))
         return compress(ctx.model, self.masks, self.example, [real])
 
     def shrink(self, ctx) -> None:

@@ -217,18 +217,11 @@ class CriteriaAccumulator:
         self.sums = {k: v.clone().to(device) for k, v in state["sums"].items()}
         self.fisher = None if state["fisher"] is None else [f.clone().to(device) for f in state["fisher"]]
 
-    def sync(self) -> None:
-        """Average the accumulators over DDP ranks (a no-op without ``torch.distributed``). With DDP the gradients
-        are already all-reduced, so the ranks agree; this keeps them agreeing under any other gradient setup."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
-        world = dist.get_world_size()
-        tensors = list(self.sums.values()) + (self.fisher or [])
-        for t in tensors:
-            dist.all_reduce(t)
-            t.div_(world)
+    def sync(self, dist) -> None:
+        """Average the accumulators over the processes of a data-parallel run (``dist``:
+        :class:`tailwise.engine.dist.Dist`; a no-op for one process). The gradients are already averaged, so the
+        processes agree; this keeps them agreeing bit for bit before the ranking."""
+        dist.average_all_(list(self.sums.values()) + (self.fisher or []))
 
 
 def normalise(values: torch.Tensor, live: torch.Tensor, how: str = "l2",

@@ -1,0 +1,208 @@
+"""Data parallelism under ``torchrun``: the process group, gradient averaging, global BatchNorm, collectives.
+
+tailwise runs one process per device (``torchrun --nproc_per_node=N -m tailwise run ...``; NCCL on CUDA, gloo on
+the CPU). Every process holds the whole model and the whole method state, draws the same global batches
+(:class:`tailwise.data.loader.BatchLoader`) and trains on its :func:`~tailwise.data.loader.rank_slice` of each.
+Three rules make N processes compute what one process computes on the same global batch:
+
+1. **Loss share.** Process ``r`` back-propagates its mean loss times ``s_r = n_r * N_proc / n`` (``n_r`` its
+   images, ``n`` the global batch); the gradients are then summed over processes and divided by ``N_proc``
+   (:meth:`Dist.sync_step`), giving ``sum_r (n_r / n) * grad L_r``: the global batch's mean-loss gradient, exact
+   also for the uneven last batch (DistributedDataParallel averages uniformly instead).
+2. **Global BatchNorm.** In a training step every ``BatchNorm2d`` normalises with the statistics of the global
+   batch (:class:`GlobalBatchNorm2d`, a differentiable all-reduce of per-channel sums; works on gloo and NCCL,
+   unlike ``nn.SyncBatchNorm``), and its running statistics advance exactly as one process's would.
+3. **Replicated decisions.** Whatever a method decides (LTAP's ranks, growth events, DO's masks) is computed from
+   averaged gradients and gathered evaluations, and its scores are averaged again before ranking
+   (:meth:`Dist.average_`), so every process takes the same decision; method randomness uses the same seed.
+
+Gradients are averaged explicitly after ``backward`` rather than through the ``DistributedDataParallel`` wrapper:
+methods replace layers in place (pruning's shrink, growth surgery), run several forwards per step (MORE) and
+read ``ctx.model``'s modules and gradients directly; an explicit all-reduce of one flat buffer per step keeps all
+of that working unchanged, with nothing to rebuild after surgery. The price is no overlap of communication with
+the backward pass. Rank 0 alone writes files; every process reads checkpoints (the run directory must be on a
+file system all processes see).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+_GLOBAL_BN = False  # True inside Dist.data_parallel(): BatchNorm layers use the global batch's statistics
+
+
+@dataclass
+class Dist:
+    """This process's place in the data-parallel job (``rank 0 of 1`` when not launched by torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # ------------------------------------------------------------------------------------------- collectives
+    def average_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In place: the mean of ``tensor`` over processes (identity for one process)."""
+        if self.enabled:
+            tdist.all_reduce(tensor)
+            tensor /= self.world
+        return tensor
+
+    def average_all_(self, tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """:meth:`average_` of every non-None tensor, through one flat buffer per dtype and device."""
+        if not self.enabled:
+            return tensors
+        buckets: dict[tuple, list[torch.Tensor]] = {}
+        for t in tensors:
+            if t is not None:
+                buckets.setdefault((t.dtype, t.device), []).append(t)
+        for group in buckets.values():
+            flat = torch.cat([t.reshape(-1) for t in group])
+            tdist.all_reduce(flat)
+            flat /= self.world
+            for t, part in zip(group, flat.split([t.numel() for t in group])):
+                t.copy_(part.view_as(t))
+        return tensors
+
+    def sync_step(self, params: list[nn.Parameter], totals: list[float]) -> list[float]:
+        """After ``backward`` of the share-scaled loss: average the gradients of ``params`` over processes and
+        sum ``totals`` (per-step counters: loss sum, images, correct). Returns the summed totals;
+        for one process the gradients are untouched and ``totals`` returned as they are."""
+        if not self.enabled:
+            return list(totals)
+        self.average_all_([p.grad for p in params])
+        extra = torch.tensor(totals, dtype=torch.float64, device=self.device_for_collectives())
+        tdist.all_reduce(extra)
+        return extra.tolist()
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate the processes' ``tensor`` (any length along dim 0) in rank order, on every process."""
+        if not self.enabled:
+            return tensor
+        size = torch.tensor([len(tensor)], dtype=torch.long, device=tensor.device)
+        sizes = [torch.zeros_like(size) for _ in range(self.world)]
+        tdist.all_gather(sizes, size)
+        longest = int(max(s.item() for s in sizes))
+        padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+        padded[:len(tensor)] = tensor
+        parts = [torch.zeros_like(padded) for _ in range(self.world)]
+        tdist.all_gather(parts, padded)
+        return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)])
+
+    def any(self, flag: bool) -> bool:
+        """True on every process if ``flag`` is True on any."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device_for_collectives())
+        tdist.all_reduce(t)
+        return bool(t.item() > 0)
+
+    def barrier(self) -> None:
+        if self.enabled:
+            tdist.barrier()
+
+    def device_for_collectives(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+
+    @contextlib.contextmanager
+    def data_parallel(self):
+        """The span of one training step: BatchNorm layers normalise with the global batch's statistics."""
+        global _GLOBAL_BN
+        if not self.enabled:
+            yield
+            return
+        previous, _GLOBAL_BN = _GLOBAL_BN, True
+        try:
+            yield
+        finally:
+            _GLOBAL_BN = previous
+
+    def describe(self) -> str:
+        return f"rank {self.rank} of {self.world} ({self.backend})" if self.enabled else "a single process"
+
+
+def from_environment(device_setting: str = "auto") -> tuple[Dist, str]:
+    """Join the torchrun job described by ``WORLD_SIZE`` / ``RANK`` / ``LOCAL_RANK`` (no-op without them).
+
+    Returns the :class:`Dist` and the device setting to use: ``cuda:LOCAL_RANK`` for CUDA runs (NCCL), the
+    given setting otherwise (gloo)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(), device_setting
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_setting.startswith("cuda") or (device_setting == "auto" and torch.cuda.is_available())
+    backend = "nccl" if use_cuda else "gloo"
+    if use_cuda:
+        torch.cuda.set_device(local)
+        device_setting = f"cuda:{local}"
+    if not tdist.is_initialized():
+        tdist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    return Dist(rank, world, local, backend), device_setting
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """``sum_r x_r`` on every process; the gradient of each ``x_r`` is the sum of all processes' upstream
+    gradients (every process's loss depends on every ``x_r``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        tdist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        out = grad.clone()
+        tdist.all_reduce(out)
+        return out
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """``BatchNorm2d`` whose training-mode statistics are those of the global batch inside
+    :meth:`Dist.data_parallel` (mean and biased variance over all processes' images, two differentiable
+    all-reduces; the running variance uses the unbiased global variance, as one process would). Outside
+    a data-parallel step, or in eval mode, it is exactly ``BatchNorm2d``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (_GLOBAL_BN and self.training and tdist.is_initialized()):
+            return super().forward(x)
+        all_reduce = _AllReduceSum.apply
+        dims = (0, 2, 3)
+        count = all_reduce(x.new_tensor([x.numel() / x.shape[1]]))
+        mean = all_reduce(x.sum(dims)) / count
+        centred = x - mean.view(1, -1, 1, 1)
+        var = all_reduce(centred.pow(2).sum(dims)) / count
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                unbiased = var * (count / (count - 1).clamp_min(1))
+                self.running_mean.mul_(1 - momentum).add_(momentum * mean.detach())
+                self.running_var.mul_(1 - momentum).add_(momentum * unbiased.detach())
+        out = centred * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
+        if self.affine:
+            out = out * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        return out
+
+
+def use_global_batchnorm(model: nn.Module) -> nn.Module:
+    """Make every plain ``BatchNorm2d`` of ``model`` a :class:`GlobalBatchNorm2d` (in place: same parameters
+    and buffers, only the class changes; idempotent, so it can follow any surgery)."""
+    for m in model.modules():
+        if type(m) is nn.BatchNorm2d:
+            m.__class__ = GlobalBatchNorm2d
+    return model

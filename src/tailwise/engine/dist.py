@@ -10,7 +10,7 @@ Three rules make N processes compute what one process computes on the same globa
    (:meth:`Dist.sync_step`), giving ``sum_r (n_r / n) * grad L_r``: the global batch's mean-loss gradient, exact
    also for the uneven last batch (DistributedDataParallel averages uniformly instead).
 2. **Global BatchNorm.** In a training step every ``BatchNorm2d`` normalises with the statistics of the global
-   batch (:class:`GlobalBatchNorm2d`, a differentiable all-reduce of per-channel sums; works on gloo and NCCL,
+   batch (:class:`GlobalBatchNorm2d`, a differentiable all-reduce of per-channel moments; works on gloo and NCCL,
    unlike ``nn.SyncBatchNorm``), and its running statistics advance exactly as one process's would.
 3. **Replicated decisions.** Whatever a method decides (LTAP's ranks, growth events, DO's masks) is computed from
    averaged gradients and gathered evaluations, and its scores are averaged again before ranking
@@ -173,30 +173,36 @@ class _AllReduceSum(torch.autograd.Function):
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """``BatchNorm2d`` whose training-mode statistics are those of the global batch inside
-    :meth:`Dist.data_parallel` (mean and biased variance over all processes' images, two differentiable
-    all-reduces; the running variance uses the unbiased global variance, as one process would). Outside
-    a data-parallel step, or in eval mode, it is exactly ``BatchNorm2d``."""
+    :meth:`Dist.data_parallel`: every process computes its images' per-channel mean ``m_r`` and biased variance
+    ``v_r`` (two-pass, stable), and one differentiable all-reduce in float64 of ``(n_r m_r, n_r (v_r + m_r^2),
+    n_r)`` gives the global mean ``M = sum n_r m_r / n`` and variance ``sum n_r (v_r + m_r^2) / n - M^2``. The
+    running variance uses the unbiased global variance, as one process would. One collective forward and one
+    backward per layer (gloo latency dominates on the CPU). Outside a data-parallel step, or in eval mode, it is
+    exactly ``BatchNorm2d``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (_GLOBAL_BN and self.training and tdist.is_initialized()):
             return super().forward(x)
-        all_reduce = _AllReduceSum.apply
-        dims = (0, 2, 3)
-        count = all_reduce(x.new_tensor([x.numel() / x.shape[1]]))
-        mean = all_reduce(x.sum(dims)) / count
-        centred = x - mean.view(1, -1, 1, 1)
-        var = all_reduce(centred.pow(2).sum(dims)) / count
+        channels = x.shape[1]
+        var_local, mean_local = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+        n = x.numel() / channels
+        mean64 = mean_local.double()
+        local = torch.cat([mean64 * n, (var_local.double() + mean64 * mean64) * n, mean64.new_tensor([n])])
+        total = _AllReduceSum.apply(local)
+        count = total[-1]
+        mean = total[:channels] / count
+        var = (total[channels:2 * channels] / count - mean * mean).clamp_min(0)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
                 momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
                 unbiased = var * (count / (count - 1).clamp_min(1))
-                self.running_mean.mul_(1 - momentum).add_(momentum * mean.detach())
-                self.running_var.mul_(1 - momentum).add_(momentum * unbiased.detach())
-        out = centred * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
-        if self.affine:
-            out = out * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
-        return out
+                self.running_mean.mul_(1 - momentum).add_(momentum * mean.to(self.running_mean.dtype))
+                self.running_var.mul_(1 - momentum).add_(momentum * unbiased.to(self.running_var.dtype))
+        scale = torch.rsqrt(var + self.eps).to(x.dtype)  # y = x * a + b: one fused pass over the activations
+        a = scale * self.weight if self.affine else scale
+        b = (self.bias if self.affine else 0) - mean.to(x.dtype) * a
+        return torch.addcmul(b.view(1, -1, 1, 1), x, a.view(1, -1, 1, 1))
 
 
 def use_global_batchnorm(model: nn.Module) -> nn.Module:

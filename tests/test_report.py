@@ -155,6 +155,8 @@ def test_missing_and_malformed_result_json_are_named_and_skipped(runs, tmp_path,
 
 def test_every_plot_written_and_html_self_contained(runs, tmp_path):
     out = tmp_path / "out"
+    (out / "plots").mkdir(parents=True)
+    (out / "plots" / "dynamics_09_an_earlier_run.png").write_bytes(PNG)  # a previous report's plot: removed
     report = build_report(list(runs.values()), out)
     plots = sorted(p.name for p in (out / "plots").iterdir())
     expected = {"per_class_vs_count.png", "group_bars.png", "acc_vs_macs.png"}

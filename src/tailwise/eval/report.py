@@ -387,9 +387,13 @@ def _slug(i: int, run: RunData) -> str:
 
 
 def make_plots(runs: list[RunData], plot_dir: Path) -> list[tuple[str, Path]]:
+    """Write the plots into ``plot_dir``, which belongs to the report: the PNGs of an earlier report there (of
+    other runs, or numbered differently) are removed first, so none is left unreferenced."""
     from . import plots as P
 
     plot_dir.mkdir(parents=True, exist_ok=True)
+    for old in plot_dir.glob("*.png"):
+        old.unlink()
     out: list[tuple[str, Path]] = []
 
     def add(title, path):

@@ -330,6 +330,8 @@ def test_resume_across_a_stage_equals_uninterrupted(tmp_path, case):
     ({"target_params": 1.0}, "out of range"),
     ({"target_macs": 1.5}, "out of range"),
     ({"target_sparsity": -0.1}, "out of range"),
+    ({"zeroing": "soft"}, "method.zeroing: 'soft' is not allowed; allowed: hard, progressive"),
+    ({"round_to": 0}, "method.round_to: 0 is out of range; must be >= 1"),
     ({"start_epoch": 2, "stages": 2, "stage_interval": 1}, "last pruning stage"),  # stage 2 after epoch 3 > 2
     ({"start_epoch": 1, "stages": 3, "stage_interval": 1}, "last pruning stage"),  # epoch 3 > 2
 ])

@@ -18,25 +18,28 @@ import yaml
 from .errors import ConfigError
 
 
-def _choice(*allowed, default):
+def choice(*allowed, default):
+    """A dataclass field whose value must be one of ``allowed`` (checked by :func:`build_dataclass`)."""
     return field(default=default, metadata={"choices": allowed})
 
 
-def _bounded(default, low=None, high=None, low_open=False):
-    return field(default=default, metadata={"low": low, "high": high, "low_open": low_open})
+def bounded(default, low=None, high=None, low_open=False, high_open=False):
+    """A numeric dataclass field checked by :func:`build_dataclass` to lie in ``[low, high]`` (ends excluded
+    with ``low_open`` / ``high_open``; None: unbounded). Used by the run config and the methods' options."""
+    return field(default=default, metadata={"low": low, "high": high, "low_open": low_open, "high_open": high_open})
 
 
 @dataclass
 class DataConfig:
-    name: str = _choice("cifar10-lt", "cifar100-lt", "imagefolder", "listfile", "synthetic", default="cifar10-lt")
+    name: str = choice("cifar10-lt", "cifar100-lt", "imagefolder", "listfile", "synthetic", default="cifar10-lt")
     root: str | None = None
-    imbalance_ratio: float | None = _bounded(100.0, 0.0, low_open=True)  # ratio (100) or factor (0.01); null = as is
-    profile: str = _choice("exp", "step", default="exp")
-    val: str = _choice("holdout", "test", "train", default="holdout")
-    val_per_class: int = _bounded(50, 1)
+    imbalance_ratio: float | None = bounded(100.0, 0.0, low_open=True)  # ratio (100) or factor (0.01); null = as is
+    profile: str = choice("exp", "step", default="exp")
+    val: str = choice("holdout", "test", "train", default="holdout")
+    val_per_class: int = bounded(50, 1)
     split_seed: int = 0
-    image_size: int | None = _bounded(None, 8)
-    num_classes: int | None = _bounded(None, 2)
+    image_size: int | None = bounded(None, 8)
+    num_classes: int | None = bounded(None, 2)
     train_split: str = "train"
     test_split: str = "test"
     train_list: str | None = None
@@ -44,23 +47,23 @@ class DataConfig:
     test_list: str | None = None
     cache: bool = True
     cache_dir: str | None = None
-    many_threshold: int = _bounded(100, 0)
-    few_threshold: int = _bounded(20, 0)
-    group_fallback: str = _choice("terciles", "none", default="terciles")
-    synthetic_per_class: int = _bounded(500, 1)
-    synthetic_test_per_class: int = _bounded(100, 1)
+    many_threshold: int = bounded(100, 0)
+    few_threshold: int = bounded(20, 0)
+    group_fallback: str = choice("terciles", "none", default="terciles")
+    synthetic_per_class: int = bounded(500, 1)
+    synthetic_test_per_class: int = bounded(100, 1)
     mean: list[float] | None = None  # per-channel, in [0, 1]; null = computed from the training subset
     std: list[float] | None = None
-    crop_padding: int = _bounded(4, 0)
+    crop_padding: int = bounded(4, 0)
     flip: bool = True
-    cutout: int = _bounded(0, 0)
-    policy: str = _choice("none", "randaugment", "autoaugment", default="none")
+    cutout: int = bounded(0, 0)
+    policy: str = choice("none", "randaugment", "autoaugment", default="none")
     # streaming (list files): decode images from disk in run.workers processes instead of holding them in memory.
     # auto: stream list files whose image_size is unset or > 64; the streamed path normalises with data.mean/std or
     # the ImageNet constants, and trains with train_transform (crop_padding does not apply, cutout is unavailable)
-    stream: bool | str = _choice("auto", True, False, default="auto")
-    train_transform: str = _choice("imagenet", default="imagenet")  # RandomResizedCrop(image_size) + flip
-    color_jitter: float = _bounded(0.0, 0.0)  # streamed training: ColorJitter brightness = contrast = saturation
+    stream: bool | str = choice("auto", True, False, default="auto")
+    train_transform: str = choice("imagenet", default="imagenet")  # RandomResizedCrop(image_size) + flip
+    color_jitter: float = bounded(0.0, 0.0)  # streamed training: ColorJitter brightness = contrast = saturation
 
     @property
     def streamed(self) -> bool:
@@ -78,7 +81,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    name: str = _choice("ce", "focal", "class_balanced", "balanced_softmax", "logit_adjust", "ldam", "ldam_drw",
+    name: str = choice("ce", "focal", "class_balanced", "balanced_softmax", "logit_adjust", "ldam", "ldam_drw",
                         default="ce")
     gamma: float | None = None
     beta: float | None = None
@@ -96,23 +99,23 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = _bounded(200, 1)
-    batch_size: int = _bounded(128, 1)
-    eval_batch_size: int = _bounded(512, 1)
-    lr: float = _bounded(0.1, 0.0, low_open=True)
-    momentum: float = _bounded(0.9, 0.0, 1.0)
+    epochs: int = bounded(200, 1)
+    batch_size: int = bounded(128, 1)
+    eval_batch_size: int = bounded(512, 1)
+    lr: float = bounded(0.1, 0.0, low_open=True)
+    momentum: float = bounded(0.9, 0.0, 1.0)
     nesterov: bool = False
-    weight_decay: float = _bounded(2.0e-4, 0.0)
-    warmup_epochs: int = _bounded(5, 0)
-    schedule: str = _choice("step", "cosine", "constant", default="step")
+    weight_decay: float = bounded(2.0e-4, 0.0)
+    warmup_epochs: int = bounded(5, 0)
+    schedule: str = choice("step", "cosine", "constant", default="step")
     milestones: list[int] = field(default_factory=lambda: [160, 180])
-    lr_decay: float = _bounded(0.01, 0.0, 1.0, low_open=True)  # step factor per milestone (x0.01, x0.0001)
-    min_lr: float = _bounded(0.0, 0.0)
-    sampler: str = _choice("instance", "class_balanced", "sqrt", default="instance")
+    lr_decay: float = bounded(0.01, 0.0, 1.0, low_open=True)  # step factor per milestone (x0.01, x0.0001)
+    min_lr: float = bounded(0.0, 0.0)
+    sampler: str = choice("instance", "class_balanced", "sqrt", default="instance")
     amp: bool = False
     channels_last: bool = True  # NHWC: ~1.5x faster ResNet training on CPU (oneDNN)
     eval_test_every_epoch: bool = False
-    grad_clip: float | None = _bounded(None, 0.0, low_open=True)
+    grad_clip: float | None = bounded(None, 0.0, low_open=True)
 
 
 @dataclass
@@ -120,10 +123,10 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     out: str | None = None
-    workers: int = _bounded(0, 0)
-    threads: int | None = _bounded(None, 1)
+    workers: int = bounded(0, 0)
+    threads: int | None = bounded(None, 1)
     tensorboard: bool = False
-    progress: str = _choice("auto", "bar", "log", "none", default="auto")
+    progress: str = choice("auto", "bar", "log", "none", default="auto")
     keep_best: bool = True
     keep_checkpoints: list[int] = field(default_factory=list)  # epochs whose checkpoint is kept as epoch_NNN.pt
 
@@ -212,8 +215,8 @@ def build_dataclass(cls, values: dict | None, path: str):
             low, high = meta.get("low"), meta.get("high")
             if low is not None and (value < low or (meta.get("low_open") and value == low)):
                 raise ConfigError(f"{key}: {value} is out of range; must be {'>' if meta.get('low_open') else '>='} {low}")
-            if high is not None and value > high:
-                raise ConfigError(f"{key}: {value} is out of range; must be <= {high}")
+            if high is not None and (value > high or (meta.get("high_open") and value == high)):
+                raise ConfigError(f"{key}: {value} is out of range; must be {'<' if meta.get('high_open') else '<='} {high}")
         kwargs[name] = value
     return cls(**kwargs)
 

@@ -79,12 +79,13 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import bounded, choice
 from ..data.factory import make_eval_loader
 from ..data.loader import Sampler, _generator
 from ..models.ensemble import AGGREGATIONS, SubModelEnsemble, aggregate, group_weights, view_probabilities
@@ -97,24 +98,24 @@ STAGE_WEIGHTS = {2: (2, 1), 3: (2, 1, 1), 4: (2, 1, 1, 1)}  # paper: 100 / 50 / 
 
 @dataclass
 class DecoupledOptions:
-    stages: int = field(default=3, metadata={"choices": (2, 3, 4)})
-    order: str = field(default="many-medium-few", metadata={"choices": ORDERS})  # 3 stages only
+    stages: int = choice(2, 3, 4, default=3)
+    order: str = choice(*ORDERS, default="many-medium-few")  # 3 stages only
     stage_epochs: list[int] | None = None  # default: train.epochs split 2:1:1 (2:1, 2:1:1:1)
     lr: list[float] | None = None  # per stage; default [train.lr, train.lr / 10, ...]
-    rho_m: float = field(default=0.7, metadata={"low": 0.0, "low_open": True, "high": 0.99})
-    medium_alpha: str = field(default="per_class", metadata={"choices": ("per_class", "constant")})
+    rho_m: float = bounded(0.7, 0.0, 0.99, low_open=True)
+    medium_alpha: str = choice("per_class", "constant", default="per_class")
     compensation: bool = True
     gamma: list[float] | None = None  # per stage but the last; default [0.5, 0.8, 0.8]
-    gamma_select: str = field(default="fixed", metadata={"choices": ("fixed", "sweep")})
-    gamma_min: float = field(default=0.1, metadata={"low": 0.0, "low_open": True, "high": 0.9})  # sweep: γ_best >= this
-    prune_steps: int = field(default=10, metadata={"low": 0})  # Δt of Eq. 4; 0 = one shot
+    gamma_select: str = choice("fixed", "sweep", default="fixed")
+    gamma_min: float = bounded(0.1, 0.0, 0.9, low_open=True)  # sweep: γ_best >= this
+    prune_steps: int = bounded(10, 0)  # Δt of Eq. 4; 0 = one shot
     prune_lr: float | None = None  # lr of the retraining iterations; default: the next stage's lr
-    rank_scope: str = field(default="layer", metadata={"choices": ("layer", "global")})
+    rank_scope: str = choice("layer", "global", default="layer")
     importance_batches: int | None = None  # cap on the scoring pass (None: every image of the stage's classes)
-    aggregation: str = field(default="average", metadata={"choices": AGGREGATIONS})
-    tta_steps: int = field(default=10, metadata={"low": 1})  # gradient steps on the per-instance weights
-    tta_lr: float = field(default=1.0, metadata={"low": 0.0, "low_open": True})
-    tta_floor: float = field(default=0.05, metadata={"low": 0.0})  # lambda_t >= floor (against collapse)
+    aggregation: str = choice(*AGGREGATIONS, default="average")
+    tta_steps: int = bounded(10, 1)  # gradient steps on the per-instance weights
+    tta_lr: float = bounded(1.0, 0.0, low_open=True)
+    tta_floor: float = bounded(0.05, 0.0)  # lambda_t >= floor (against collapse)
     compare_aggregations: bool = True  # also report the test accuracy of every aggregation (Table 8's Agg rows)
 
 

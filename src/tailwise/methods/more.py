@@ -52,12 +52,13 @@ import contextlib
 import copy
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import bounded, choice
 from ..errors import ConfigError, TailwiseError
 from ..models import NormedLinear, build_model
 from . import Method, register_method
@@ -229,20 +230,16 @@ def more_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, prior
 
 
 # --------------------------------------------------------------------------------------------------- the method
-def _choice(*allowed, default):
-    return field(default=default, metadata={"choices": allowed})
-
-
 @dataclass
 class MoreOptions:
-    ratio: float = 0.1  # rank r = max(1, round(ratio · min(m, k)))  (paper Fig. 2d)
-    layers: str = _choice(*LAYERS, default="all")  # which layers get the low-rank term
-    amplitude: float = 2.0  # normalised A' = A / C (paper Fig. 2c: ≈ 2); 0 = the "A = 0" control
-    schedule: str = _choice(*SCHEDULES, default="sine")  # alpha(tau) shape
-    unit: str = _choice(*UNITS, default="epoch")  # tau / T: epoch / train.epochs, or step / total steps
-    discrepancy: str = _choice(*DISCREPANCIES, default="l2")  # D: squared L2 of logits (paper) | KL
+    ratio: float = bounded(0.1, 0.0, 1.0, low_open=True)  # rank r = max(1, round(ratio · min(m, k))) (paper Fig. 2d)
+    layers: str = choice(*LAYERS, default="all")  # which layers get the low-rank term
+    amplitude: float = bounded(2.0, 0.0)  # normalised A' = A / C (paper Fig. 2c: ≈ 2); 0 = the "A = 0" control
+    schedule: str = choice(*SCHEDULES, default="sine")  # alpha(tau) shape
+    unit: str = choice(*UNITS, default="epoch")  # tau / T: epoch / train.epochs, or step / total steps
+    discrepancy: str = choice(*DISCREPANCIES, default="l2")  # D: squared L2 of logits (paper) | KL
     detach_general: bool = False  # z_gen as a constant target (general pass under no_grad)
-    merge_tol: float = 1e-5  # relative logit tolerance of the merge check
+    merge_tol: float = bounded(1e-5, 0.0, low_open=True)  # relative logit tolerance of the merge check
     measure_overhead: bool = True  # time steps with / without the general pass
 
 
@@ -273,12 +270,8 @@ class MoreRebalancing(Method):
 
     @classmethod
     def check_options(cls, o: MoreOptions, cfg) -> None:
-        if not 0.0 < o.ratio <= 1.0:
-            raise ConfigError(f"method.ratio: {o.ratio} is out of range; must be in (0, 1]")
-        if not (o.amplitude >= 0.0 and math.isfinite(o.amplitude)):
+        if not math.isfinite(o.amplitude):  # the range is the field's own
             raise ConfigError(f"method.amplitude: {o.amplitude} is out of range; must be a finite number >= 0")
-        if not o.merge_tol > 0.0:
-            raise ConfigError(f"method.merge_tol: {o.merge_tol} must be > 0")
 
     # ---------------------------------------------------------------------------------------------- hooks
     def setup(self, ctx) -> None:

@@ -51,27 +51,28 @@ function-preserving (the head normalises its input features and weight columns).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..compress.groups import channel_groups
+from ..config import bounded, choice
 from ..errors import ConfigError, TrainingError
 from . import Method, register_method
 
 
 @dataclass
 class PlasticityOptions:
-    every_epochs: int = field(default=30, metadata={"low": 1})  # E_mod: an event after epochs E, 2E, ... (1-based)
-    alpha: float = field(default=0.3, metadata={"low": 0.0, "low_open": True, "high": 0.5})  # fraction per event
-    scope: str = field(default="internal", metadata={"choices": ("internal", "residual", "all")})
-    ranking: str = field(default="gradient", metadata={"choices": ("gradient", "l1")})
-    accumulate: str = field(default="epoch", metadata={"choices": ("epoch", "last_batch")})
+    every_epochs: int = bounded(30, 1)  # E_mod: an event after epochs E, 2E, ... (1-based)
+    alpha: float = bounded(0.3, 0.0, 0.5, low_open=True)  # fraction per event
+    scope: str = choice("internal", "residual", "all", default="internal")
+    ranking: str = choice("gradient", "l1", default="gradient")
+    accumulate: str = choice("epoch", "last_batch", default="epoch")
     reweight: bool = True  # rank with the class-reweighted loss's gradient
-    reweight_power: float = field(default=1.0, metadata={"low": 0.0})  # w_c ∝ n_c^-p, mean 1 over classes
+    reweight_power: float = bounded(1.0, 0.0)  # w_c ∝ n_c^-p, mean 1 over classes
     weight_scaling: bool = True
-    bn_noise: float = field(default=0.05, metadata={"low": 0.0})  # sigma of the copy's gamma/beta perturbation
-    exempt: str = field(default="copies", metadata={"choices": ("copies", "pairs", "none")})  # from removal
+    bn_noise: float = bounded(0.05, 0.0)  # sigma of the copy's gamma/beta perturbation
+    exempt: str = choice("copies", "pairs", "none", default="copies")  # from removal
     last_event_epoch: int | None = None  # no event after this epoch (1-based); default train.epochs - 1
 
 

@@ -28,44 +28,39 @@ from ..compress.cost import count_macs, count_params
 from ..compress.groups import channel_groups
 from ..compress.masks import ChannelMasks
 from ..compress.slim import compress, drop_pruned_entries
+from ..config import bounded, choice
 from ..deploy import _resize_to
 from ..errors import ConfigError, TrainingError
 from . import Method, register_method
 
 
+_FRACTION = dict(low=0.0, high=1.0, low_open=True, high_open=True)
+
+
 @dataclass
 class PruningOptions:
-    target_params: float | None = None  # fraction of dense parameters retained (default 0.3 when no target set)
-    target_macs: float | None = None  # fraction of dense MACs retained
-    target_sparsity: float | None = None  # fraction of channels removed
-    start_epoch: int = 100
-    stages: int = 5
-    stage_interval: int = 10
-    scope: str = "all"  # all | internal (block-internal channels only)
-    zeroing: str = "hard"  # hard | progressive
-    decay_steps: int = 0  # progressive zeroing: optimizer steps per stage (0 = one epoch)
-    normalize: str = "mean"  # baselines: divide each group's scores by their mean (none: raw global ranking)
-    round_to: int = 1  # keep every group's live channel count a multiple of this (8 helps CPU/GPU kernels)
+    target_params: float | None = bounded(None, **_FRACTION)  # fraction of dense parameters retained (default 0.3)
+    target_macs: float | None = bounded(None, **_FRACTION)  # fraction of dense MACs retained
+    target_sparsity: float | None = bounded(None, **_FRACTION)  # fraction of channels removed
+    start_epoch: int = bounded(100, 1)
+    stages: int = bounded(5, 1)
+    stage_interval: int = bounded(10, 1)
+    scope: str = choice("all", "internal", default="all")  # internal: block-internal channels only
+    zeroing: str = choice("hard", "progressive", default="hard")
+    decay_steps: int = bounded(0, 0)  # progressive zeroing: optimizer steps per stage (0 = one epoch)
+    normalize: str = choice("mean", "none", default="mean")  # baselines: each group's scores / their mean (none: raw)
+    round_to: int = bounded(1, 1)  # keep every group's live channel count a multiple of this (8 helps CPU/GPU kernels)
     shrink: bool = True  # after the final stage, fine-tune the physically smaller model (False: the masked one)
 
 
 def check_pruning_options(o: PruningOptions, cfg) -> None:
-    """Validate pruning options; with no target given, the paper's default (30% of parameters kept)."""
+    """Cross-checks of pruning options (ranges and choices are the fields' own); with no target given, the
+    paper's default (30% of parameters kept)."""
     targets = [t for t in (o.target_params, o.target_macs, o.target_sparsity) if t is not None]
     if len(targets) > 1:
         raise ConfigError("method: set only one of target_params, target_macs, target_sparsity")
     if not targets:
         o.target_params = 0.3
-    for name in ("target_params", "target_macs", "target_sparsity"):
-        value = getattr(o, name)
-        if value is not None and not 0.0 < value < 1.0:
-            raise ConfigError(f"method.{name}: {value} is out of range; must be in (0, 1)")
-    if o.stages < 1 or o.stage_interval < 1 or o.start_epoch < 1 or o.decay_steps < 0 or o.round_to < 1:
-        raise ConfigError("method.stages, method.stage_interval, method.start_epoch, method.round_to must be >= 1 "
-                          "(decay_steps >= 0)")
-    for key, allowed in (("scope", ("all", "internal")), ("zeroing", ("hard", "progressive")), ("normalize", ("mean", "none"))):
-        if getattr(o, key) not in allowed:
-            raise ConfigError(f"method.{key}: {getattr(o, key)!r} is not allowed; allowed: {', '.join(allowed)}")
     last = o.start_epoch + (o.stages - 1) * o.stage_interval
     if last > cfg.train.epochs:
         raise ConfigError(f"method: the last pruning stage is after epoch {last} but train.epochs is "

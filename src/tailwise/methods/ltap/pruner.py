@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ...config import bounded, choice
 from ...errors import ConfigError
 from .. import register_method
 from ..pruning import PruningOptions, StructuredPruning, check_pruning_options
@@ -47,36 +48,29 @@ PUBLIC_CODE_WEIGHTS = {"magnitude": 0.0, "avg_magnitude": 1.25, "cosine_similari
 
 @dataclass
 class LTAPOptions(PruningOptions):
-    stages: int | None = None  # P; None: 5 (paper), or 1 (one-shot) with vote: public-code
-    stage_interval: int = 10  # epochs between stages (not in the paper)
-    normalize: str = "l2"  # per-criterion scale over all live channels: l2 (public code) | mean | max | group-mean
-    vote: str = "adaptive"  # adaptive (LT-Vote) | uniform (w.o. vote) | public-code (fixed 0/1.25/1/1/1, one-shot)
+    stages: int | None = bounded(None, 1)  # P; None: 5 (paper), or 1 (one-shot) with vote: public-code
+    stage_interval: int = bounded(10, 1)  # epochs between stages (not in the paper)
+    # per-criterion scale over all live channels: l2 (public code) | mean | max | group-mean
+    normalize: str = choice(*NORMALISATIONS, default="l2")
+    # adaptive (LT-Vote) | uniform (w.o. vote) | public-code (fixed 0/1.25/1/1/1, one-shot)
+    vote: str = choice(*VOTES, default="adaptive")
     criteria: list[str] = field(default_factory=lambda: list(CRITERIA))  # subset of the five, any order
-    class_weights: str = "tail"  # tail (Proposition 1) | counts | inverse | uniform
-    tau: float = 0.5  # softmax temperature (section 4.1)
+    class_weights: str = choice(*CLASS_WEIGHTS, default="tail")  # tail (Proposition 1) | counts | inverse | uniform
+    tau: float = bounded(0.5, 0.0, low_open=True)  # softmax temperature (section 4.1)
     second_order: str | None = None  # fisher (default) | public-code (0.5 <w,g>^2; default with vote: public-code)
-    vote_every: str = "stage"  # stage | epoch: when an LT-Vote round closes
-    vote_increment: str = "indicator"  # indicator (eq. 6: +1) | gain (accuracy gain / 100, Lemma A)
-    suppression: str = "inverse"  # inverse (one criterion per round, p ∝ 1/alpha) | none
-    score_window: int = 1  # epochs before each stage over which gradient criteria accumulate
+    vote_every: str = choice("stage", "epoch", default="stage")  # when an LT-Vote round closes
+    vote_increment: str = choice(*INCREMENTS, default="indicator")  # indicator (eq. 6: +1) | gain (gain / 100, Lemma A)
+    suppression: str = choice("inverse", "none", default="inverse")  # inverse: one criterion per round, p ∝ 1/alpha
+    score_window: int = bounded(1, 1)  # epochs before each stage over which gradient criteria accumulate
 
 
 def check_ltap_options(o: LTAPOptions, cfg) -> None:
-    def allowed(key, values):
-        if getattr(o, key) not in values:
-            raise ConfigError(f"method.{key}: {getattr(o, key)!r} is not allowed; allowed: {', '.join(values)}")
-
-    allowed("vote", VOTES)
     if o.stages is None:
         o.stages = 1 if o.vote == "public-code" else 5
     if o.second_order is None:
         o.second_order = "public-code" if o.vote == "public-code" else "fisher"
-    allowed("second_order", SECOND_ORDER)
-    allowed("normalize", NORMALISATIONS)
-    allowed("class_weights", CLASS_WEIGHTS)
-    allowed("vote_every", ("stage", "epoch"))
-    allowed("vote_increment", INCREMENTS)
-    allowed("suppression", ("inverse", "none"))
+    if o.second_order not in SECOND_ORDER:
+        raise ConfigError(f"method.second_order: {o.second_order!r} is not allowed; allowed: {', '.join(SECOND_ORDER)}")
     if not o.criteria:
         raise ConfigError("method.criteria: give at least one of " + ", ".join(CRITERIA))
     unknown = [c for c in o.criteria if c not in CRITERIA]
@@ -88,17 +82,10 @@ def check_ltap_options(o: LTAPOptions, cfg) -> None:
     if o.vote == "public-code" and not any(PUBLIC_CODE_WEIGHTS[c] > 0 for c in o.criteria):
         raise ConfigError("method.criteria: with vote: public-code, magnitude alone has weight 0; "
                           "add another criterion")
-    if not o.tau > 0:
-        raise ConfigError(f"method.tau: {o.tau} is out of range; must be > 0")
-    # the shared checks (targets, schedule) on a copy: ``normalize`` has LTAP's own choices
-    probe = dataclasses.replace(o, normalize="mean")
-    check_pruning_options(probe, cfg)
-    for f in dataclasses.fields(o):
-        if f.name != "normalize":
-            setattr(o, f.name, getattr(probe, f.name))
-    if o.score_window < 1 or o.score_window > o.start_epoch or (o.stages > 1 and o.score_window > o.stage_interval):
-        raise ConfigError(f"method.score_window: {o.score_window} must be >= 1, <= start_epoch and (with several "
-                          "stages) <= stage_interval")
+    check_pruning_options(o, cfg)
+    if o.score_window > o.start_epoch or (o.stages > 1 and o.score_window > o.stage_interval):
+        raise ConfigError(f"method.score_window: {o.score_window} must be <= start_epoch and (with several stages) "
+                          "<= stage_interval")
 
 
 @register_method

@@ -555,3 +555,28 @@ def test_build_data_cache_switch(folder_tree, tmp_path):
     assert torch.equal(first.train.images, second.train.images)
     assert torch.equal(first.test.labels, second.test.labels)
     assert first.info["index_sha256"] == second.info["index_sha256"]
+
+
+def test_a_cache_entry_stored_meanwhile_by_another_process_is_kept(tmp_path, source_file, monkeypatch):
+    """Two processes of a torchrun job decoding the same split: the one that stores second finds the entry in
+    place (its rename fails) and keeps it instead of failing."""
+    import tailwise.data.cache as cache
+
+    cached_split(str(source_file), {"split": "train"}, CountingBuilder(), tmp_path / "c", **QUIET)  # the first process
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst).exists():  # the race: the other process's entry landed between our rmtree and rename
+            raise OSError(39, "Directory not empty")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(cache.shutil, "rmtree", lambda path, ignore_errors=False: None)  # entry not removed in time
+    monkeypatch.setattr(cache.os, "replace", replace)
+    entry = _entry(tmp_path / "c")
+    cache._store(entry, _raw(0), {"source": "s"})  # no error: a valid entry is there
+    assert cache._load(entry) is not None
+    junk = entry.with_name("junk")
+    junk.mkdir()
+    (junk / "manifest.json").write_text("{")  # in the way, and not a valid entry: the failure is still an error
+    with pytest.raises(OSError):
+        cache._store(junk, _raw(0), {"source": "s"})

@@ -108,8 +108,9 @@ def _store(entry: Path, split: RawSplit, info: dict) -> None:
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "classes": split.classes, "files": split.files}
         (tmp / "manifest.json").write_text(json.dumps(manifest))
         if entry.exists():
-            shutil.rmtree(entry)
+            shutil.rmtree(entry, ignore_errors=True)
         os.replace(tmp, entry)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if _load(entry) is None:  # not another process having stored the same entry meanwhile
+            raise

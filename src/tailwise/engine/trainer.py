@@ -119,7 +119,11 @@ class Trainer:
         self.device = _pick_device(device or cfg.run.device)
         self.channels_last = cfg.train.channels_last  # NHWC, unless a method switches back (use_contiguous_format)
         seed_everything(cfg.run.seed)
+        if not self.dist.is_main:
+            self.dist.barrier()  # rank 0 decodes first and fills the shared decode cache; the others then read it
         self.data = build_data(cfg.data, self.log)
+        if self.dist.is_main:
+            self.dist.barrier()
         t, d = cfg.train, self.data
         counts = d.class_counts
         self.loss_fn = build_loss(cfg.loss.name, counts, **cfg.loss.kwargs()).to(self.device)

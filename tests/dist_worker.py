@@ -1,8 +1,8 @@
 """One tiny run, launched by tests/test_distributed.py under torchrun (or alone, as the 1-process reference).
 
 Usage: ``python dist_worker.py SPEC_JSON`` with SPEC ``{"config": raw recipe, "out": run dir, "resume": bool,
-"stop": [step, rank] | null}``. Each process writes what the test compares to ``OUT/rank<R>.pt``: the method's
-description and state (masks / structure / stage history), the final weights, the test evaluation before training and the
+"stop": [step, rank] | null, "perturb": [epoch, rank] | null}``. Each process writes what the test compares to ``OUT/rank<R>.pt``: the method's
+description and state (masks / structure / stage history), the final weights, the probe evaluation of the test split (:func:`probe`) and the
 result (None when the run was interrupted).
 """
 from __future__ import annotations
@@ -18,9 +18,35 @@ from tailwise.engine.dist import from_environment
 from tailwise.engine.trainer import Interrupted, Trainer, prepare_run_dir
 
 
+def forbid_writes(rank: int) -> None:
+    """On ranks other than 0, every file-writing function the trainer uses raises (the run then fails)."""
+    from tailwise.engine import log, trainer
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError(f"rank {rank} wrote a file")
+
+    for name in ("save_checkpoint", "atomic_write_json", "atomic_write_text", "save_model", "write_branch_record",
+                 "copy_source_metrics", "prepare_run_dir"):
+        setattr(trainer, name, refuse)
+    write = log.MetricsLog.write
+    log.MetricsLog.write = lambda self, record: refuse() if self.enabled else write(self, record)
+
+
+def probe(trainer: Trainer) -> dict:
+    """The test split's summary under a fixed, content-dependent predictor (the first K pixel values of each
+    image as its logits): equal in every process layout only if every image is predicted once, in order."""
+    from tailwise.eval.evaluate import evaluate_split
+
+    k = trainer.data.num_classes
+    return evaluate_split(lambda x: x.flatten(1)[:, :k], trainer.data.test, trainer.data.groups, trainer.mean,
+                          trainer.std, 8, trainer.device, dist=trainer.dist)
+
+
 def main(spec: dict) -> None:
     cfg = config_from_dict(spec["config"])
     dist, device = from_environment(cfg.run.device)
+    if dist.rank != 0:
+        forbid_writes(dist.rank)
     out = Path(spec["out"])
     if not spec.get("resume") and dist.is_main:
         prepare_run_dir(cfg, out)
@@ -28,7 +54,7 @@ def main(spec: dict) -> None:
     trainer = Trainer(cfg, out, log=lambda msg: None, dist=dist, device=device)
     if spec.get("resume"):
         trainer.resume()
-    before = trainer.evaluate("test")
+    before = probe(trainer)
     if spec.get("stop"):  # a signal reaching one process only, during step `step`
         step, rank = spec["stop"]
         hook = trainer.method.after_step
@@ -39,6 +65,17 @@ def main(spec: dict) -> None:
                 trainer._stop_signal = 15
 
         trainer.method.after_step = after_step
+    if spec.get("perturb"):  # one process's weights drift at the end of one epoch
+        epoch, rank = spec["perturb"]
+        end = trainer.method.on_epoch_end
+
+        def on_epoch_end(ctx, e, val):
+            if e == epoch and dist.rank == rank:
+                with torch.no_grad():
+                    next(ctx.model.parameters()).add_(1e-3)
+            return end(ctx, e, val)
+
+        trainer.method.on_epoch_end = on_epoch_end
     try:
         result = trainer.fit()
     except Interrupted:

@@ -88,17 +88,22 @@ def test_ltap_masks_identical_across_ranks_and_equal_one_process(ltap_runs):
 
 def test_evaluation_gathers_every_image_once(ltap_runs):
     _, (r0, r1), (single,) = ltap_runs
-    # the same initial model (same seed): the 2-process evaluation of the odd-sized test split is the 1-process one
+    # a content-dependent predictor on the odd-sized test split (35 images, 18 / 17 per process): per-class
+    # accuracies equal the 1-process ones only if the gathered predictions line up with the labels, in order
     assert r0["before"] == r1["before"] == single["before"]
-    assert all(abs(acc * 35 / 100 - round(acc * 35 / 100)) < 1e-3 for acc in [r0["before"]["all"]])  # k of 35 images
+    assert len(set(single["before"]["per_class"])) > 1  # not a degenerate predictor
 
 
 def test_only_rank_zero_writes(ltap_runs):
+    """The listing; and every file-writing function the trainer uses raises on rank 1 (dist_worker.forbid_writes),
+    so the run itself proves rank 1 wrote nothing."""
     root, _, _ = ltap_runs
     files = sorted(p.name for p in (root / "two").iterdir())
     assert files == ["checkpoints", "config.yaml", "metrics.jsonl", "model", "rank0.pt", "rank1.pt", "result.json"]
     records = [json.loads(line) for line in (root / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1, 2]  # one record per epoch, not one per process
+    assert not any("replicas_resynced" in r for r in records)  # the replicas never drifted (the end-of-epoch
+    # broadcast of rank 0's state changed nothing), so the cross-rank equality tests are not made true by it
 
 
 def test_signal_on_one_rank_stops_both_and_resume_equals_uninterrupted(ltap_runs, tmp_path):
@@ -120,6 +125,8 @@ def test_signal_on_one_rank_stops_both_and_resume_equals_uninterrupted(ltap_runs
 ], ids=["growth", "do", "more"])
 def test_method_state_identical_across_ranks(tmp_path, method, epochs):
     r0, r1 = launch(dist_config(method, epochs), tmp_path / "run", 2)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == epochs and not any("replicas_resynced" in r for r in records)  # equal without help
     for r in (r0, r1):  # wall-clock timings measured by each process: DO's test-time cost, MORE's step overhead
         r["method"].get("final", {}).pop("test_time", None)
         r["method"].pop("overhead", None)
@@ -134,6 +141,28 @@ def test_method_state_identical_across_ranks(tmp_path, method, epochs):
     assert r0["result"]["accuracy"] == r1["result"]["accuracy"]
 
 
+def test_drifted_replicas_are_restored_from_rank_zero_and_reported(tmp_path):
+    r0, r1 = launch(dist_config({"name": "none"}, epochs=2), tmp_path / "run", 2, perturb=[0, 1])
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("replicas_resynced", False) for r in records] == [True, False]
+    assert_same_state(r0, r1, exact=True)
+
+
+def test_weighted_mean_loss_equals_one_process(tmp_path):
+    """LDAM-DRW from epoch 0 reduces by the sum of its images' class weights, not their number: each process's
+    share of the global batch's loss comes from that sum (LongTailLoss.batch_weight), so 2 processes with uneven
+    weight sums still follow the 1-process run."""
+    raw = dist_config({"name": "none"}, epochs=1)
+    raw["loss"] = {"name": "ldam_drw", "drw_epoch": 0}
+    two = launch(raw, tmp_path / "two", 2)
+    one = launch(raw, tmp_path / "one", 1)
+    assert_same_state(two[0], two[1], exact=True)
+    # measured: 3.6e-5 (one process with 1 vs 2 threads differs as much); 4.9e-4 with shares by image count
+    worst = max((v - one[0]["model"][k]).abs().max().item() for k, v in two[0]["model"].items()
+                if v.is_floating_point() and "running" not in k)
+    assert worst < 1.5e-4
+
+
 # ------------------------------------------------------------------------------------- sharding, in-process
 @pytest.mark.parametrize("kind", ["instance", "class_balanced", "group_preferred"])
 @pytest.mark.parametrize("policy", ["none", "randaugment"])
@@ -146,15 +175,14 @@ def test_rank_slices_make_up_the_one_process_batches(kind, policy):
         sampler = Sampler(labels, kind, seed=3, batch_size=10, rho=0.7, group_classes=[1])
         loader = BatchLoader(images, labels, 10, [0.5] * 3, [0.25] * 3, sampler=sampler,
                              augment=Augment(2, True, 3, policy), rank=rank, world=world)
-        return [(x, y, loader.batch_total) for x, y in loader]
+        return list(loader)
 
     single = batches(0, 1)
     parts = [batches(r, 3) for r in range(3)]
     assert len(single) == 4 and all(len(p) == 4 for p in parts)  # 37 = 3 x 10 + 7: the last batch splits 3/2/2
-    for b, (x, y, total) in enumerate(single):
+    for b, (x, y) in enumerate(single):
         assert torch.equal(torch.cat([p[b][0] for p in parts]), x)
         assert torch.equal(torch.cat([p[b][1] for p in parts]), y)
-        assert all(p[b][2] == total for p in parts)
 
 
 def test_rank_slice_partitions_in_order():

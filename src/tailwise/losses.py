@@ -181,6 +181,11 @@ class LongTailLoss(nn.Module):
         """Inform the loss of the current (0-based) epoch. No-op by default."""
         return None
 
+    def batch_weight(self, target: Tensor) -> float:
+        """The denominator of this loss's reduction over a batch with labels ``target``: the number of samples
+        for a mean (data parallelism weights each process's loss by its share of the global denominator)."""
+        return float(len(target))
+
     def adjust_logits(self, logits: Tensor) -> Tensor:
         """Scores to use for prediction. Identity by default."""
         return logits
@@ -387,6 +392,11 @@ class LDAMLoss(LongTailLoss):
     def weight(self) -> Tensor | None:
         """The class weights currently in use (``None`` before ``drw_epoch``)."""
         return self.drw_weights if self.use_weights else None
+
+    def batch_weight(self, target: Tensor) -> float:
+        """With DRW weights, ``F.cross_entropy(weight=w)`` divides by ``sum_i w_{y_i}``, not by the batch size."""
+        weight = self.weight
+        return float(len(target)) if weight is None else float(weight[target.long().to(weight.device)].sum())
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         self._check(logits, target)

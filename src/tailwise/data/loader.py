@@ -209,7 +209,6 @@ class BatchLoader(BaseLoader):
         self.batch_size, self.sampler, self.augment = batch_size, sampler, augment
         self.device, self.drop_last, self.channels_last = torch.device(device), drop_last, channels_last
         self.rank, self.world = rank, world
-        self.batch_total = batch_size  # images in the current global batch (all processes together)
         self.set_normalization(mean, std)
         self.epoch, self.position = 0, 0
         self._aug_state: torch.Tensor | None = None
@@ -243,7 +242,7 @@ class BatchLoader(BaseLoader):
             idx = indices[b * self.batch_size:(b + 1) * self.batch_size]
             part = rank_slice(len(idx), self.rank, self.world)
             x = self.augmented_batch(idx, g, part)
-            self.position, self._aug_state, self.batch_total = b + 1, g.get_state(), len(idx)
+            self.position, self._aug_state = b + 1, g.get_state()
             yield self.normalize(x[part]), self.labels[idx[part]].to(self.device)
         self.epoch, self.position, self._aug_state = self.epoch + 1, 0, None
 

@@ -173,7 +173,6 @@ class StreamLoader(BaseLoader):
         self.batch_size, self.sampler, self.transform = batch_size, sampler, transform
         self.device, self.drop_last, self.channels_last = torch.device(device), drop_last, channels_last
         self.rank, self.world, self.workers = rank, world, workers
-        self.batch_total = batch_size  # images in the current global batch (all processes together)
         self.set_normalization(mean, std)
         self.epoch, self.position = 0, 0
         self._dataset = _FileDataset(split, transform if sampler is not None and transform is not None
@@ -215,12 +214,12 @@ class StreamLoader(BaseLoader):
             self._plan.set(_eval_batches(len(self.labels), self.batch_size), len(self))
             yield from self._batches()
             return
-        n, count, first = len(self.sampler), len(self), self.position
+        count, first = len(self), self.position
         indices = self.sampler.epoch_indices(self.epoch).tolist()
         self._plan.set(_train_batches(indices, self.batch_size, first, count, self.rank, self.world,
                                       self.sampler.seed, self.epoch), count - first)
         for b, batch in enumerate(self._batches(), first):
-            self.position, self.batch_total = b + 1, min(self.batch_size, n - b * self.batch_size)
+            self.position = b + 1
             yield batch
         self.epoch, self.position = self.epoch + 1, 0
 

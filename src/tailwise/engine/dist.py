@@ -5,16 +5,21 @@ the CPU). Every process holds the whole model and the whole method state, draws 
 (:class:`tailwise.data.loader.BatchLoader`) and trains on its :func:`~tailwise.data.loader.rank_slice` of each.
 Three rules make N processes compute what one process computes on the same global batch:
 
-1. **Loss share.** Process ``r`` back-propagates its mean loss times ``s_r = n_r * N_proc / n`` (``n_r`` its
-   images, ``n`` the global batch); the gradients are then summed over processes and divided by ``N_proc``
-   (:meth:`Dist.sync_step`), giving ``sum_r (n_r / n) * grad L_r``: the global batch's mean-loss gradient, exact
-   also for the uneven last batch (DistributedDataParallel averages uniformly instead).
+1. **Loss share.** Process ``r`` back-propagates its loss times ``s_r = W_r * N_proc / W``, where ``W_r`` is the
+   denominator of its loss's batch reduction (the number of its images for a mean, the sum of the class weights
+   of its images for LDAM-DRW's weighted mean: ``LongTailLoss.batch_weight``) and ``W = sum_r W_r``; the
+   gradients are then summed over processes and divided by ``N_proc`` (:meth:`Dist.sync_step`), giving
+   ``sum_r (W_r / W) * grad L_r``: the gradient of the global batch's loss, exact also for uneven shares
+   (DistributedDataParallel averages uniformly instead). A method's own training loss is weighted the same way,
+   which is exact when it reduces like the run's loss (MORE's and growth's terms are plain means).
 2. **Global BatchNorm.** In a training step every ``BatchNorm2d`` normalises with the statistics of the global
    batch (:class:`GlobalBatchNorm2d`, a differentiable all-reduce of per-channel moments; works on gloo and NCCL,
    unlike ``nn.SyncBatchNorm``), and its running statistics advance exactly as one process's would.
 3. **Replicated decisions.** Whatever a method decides (LTAP's ranks, growth events, DO's masks) is computed from
    averaged gradients and gathered evaluations, and its scores are averaged again before ranking
-   (:meth:`Dist.average_`), so every process takes the same decision; method randomness uses the same seed.
+   (:meth:`Dist.average_all_`), so every process takes the same decision; method randomness uses the same seed.
+   At the end of every epoch rank 0's weights, buffers and momentum are broadcast (:meth:`Dist.broadcast_`),
+   and a drift (non-deterministic GPU kernels) is reported in ``metrics.jsonl``.
 
 Gradients are averaged explicitly after ``backward`` rather than through the ``DistributedDataParallel`` wrapper:
 methods replace layers in place (pruning's shrink, growth surgery), run several forwards per step (MORE) and
@@ -55,28 +60,52 @@ class Dist:
         return self.rank == 0
 
     # ------------------------------------------------------------------------------------------- collectives
-    def average_(self, tensor: torch.Tensor) -> torch.Tensor:
-        """In place: the mean of ``tensor`` over processes (identity for one process)."""
-        if self.enabled:
-            tdist.all_reduce(tensor)
-            tensor /= self.world
-        return tensor
-
     def average_all_(self, tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-        """:meth:`average_` of every non-None tensor, through one flat buffer per dtype and device."""
+        """In place: the mean over processes of every non-None tensor (identity for one process), through one
+        flat buffer per dtype, reduced on the backend's device (NCCL reduces CUDA tensors only: CPU tensors such
+        as channel scores travel to the GPU and back)."""
         if not self.enabled:
             return tensors
-        buckets: dict[tuple, list[torch.Tensor]] = {}
+        buckets: dict[torch.dtype, list[torch.Tensor]] = {}
         for t in tensors:
             if t is not None:
-                buckets.setdefault((t.dtype, t.device), []).append(t)
+                buckets.setdefault(t.dtype, []).append(t)
+        device = self.device_for_collectives()
         for group in buckets.values():
-            flat = torch.cat([t.reshape(-1) for t in group])
+            flat = torch.cat([t.reshape(-1).to(device) for t in group])
             tdist.all_reduce(flat)
             flat /= self.world
             for t, part in zip(group, flat.split([t.numel() for t in group])):
                 t.copy_(part.view_as(t))
         return tensors
+
+    @torch.no_grad()
+    def broadcast_(self, tensors: list[torch.Tensor | None]) -> bool:
+        """In place: rank 0's values of every non-None tensor on every process (one flat buffer per dtype).
+        Returns True on every process if any process held different values (the replicas had drifted)."""
+        if not self.enabled:
+            return False
+        buckets: dict[torch.dtype, list[torch.Tensor]] = {}
+        for t in tensors:
+            if t is not None:
+                buckets.setdefault(t.dtype, []).append(t)
+        device, drifted = self.device_for_collectives(), False
+        for group in buckets.values():
+            mine = torch.cat([t.reshape(-1).to(device) for t in group])
+            flat = mine.clone()
+            tdist.broadcast(flat, src=0)
+            drifted = drifted or not torch.equal(mine, flat)
+            for t, part in zip(group, flat.split([t.numel() for t in group])):
+                t.copy_(part.view_as(t))
+        return self.any(drifted)
+
+    def sum(self, value: float) -> float:
+        """The sum of ``value`` over processes."""
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device_for_collectives())
+        tdist.all_reduce(t)
+        return float(t.item())
 
     def sync_step(self, params: list[nn.Parameter], totals: list[float]) -> list[float]:
         """After ``backward`` of the share-scaled loss: average the gradients of ``params`` over processes and
@@ -93,6 +122,7 @@ class Dist:
         """Concatenate the processes' ``tensor`` (any length along dim 0) in rank order, on every process."""
         if not self.enabled:
             return tensor
+        tensor = tensor.to(self.device_for_collectives())
         size = torch.tensor([len(tensor)], dtype=torch.long, device=tensor.device)
         sizes = [torch.zeros_like(size) for _ in range(self.world)]
         tdist.all_gather(sizes, size)
@@ -130,9 +160,6 @@ class Dist:
             yield
         finally:
             _GLOBAL_BN = previous
-
-    def describe(self) -> str:
-        return f"rank {self.rank} of {self.world} ({self.backend})" if self.enabled else "a single process"
 
 
 def from_environment(device_setting: str = "auto") -> tuple[Dist, str]:

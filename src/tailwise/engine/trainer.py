@@ -161,6 +161,14 @@ class Trainer:
         self.train_loader.channels_last = False
         self.ctx.model.to(memory_format=torch.contiguous_format)
 
+    def replicated_state(self) -> list[torch.Tensor | None]:
+        """Weights, buffers and SGD momentum: what every process of a data-parallel run must hold identically
+        (in the same order on every process)."""
+        ctx = self.ctx
+        momentum = [ctx.optimizer.state.get(p, {}).get("momentum_buffer") for g in ctx.optimizer.param_groups
+                    for p in g["params"]]
+        return [*ctx.model.parameters(), *ctx.model.buffers(), *momentum]
+
     def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         t = self.cfg.train
         return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
@@ -253,7 +261,9 @@ class Trainer:
             bar = tqdm(total=len(self.train_loader), initial=self.train_loader.position,
                        desc=f"epoch {epoch + 1}/{t.epochs}", leave=False, dynamic_ncols=True)
         for x, y in self.train_loader:
-            ctx.batch_share = len(y) * self.dist.world / self.train_loader.batch_total
+            if self.dist.enabled:  # engine.dist rule 1: this process's part of the global batch's loss
+                weight = self.loss_fn.batch_weight(y)
+                ctx.batch_share = weight * self.dist.world / self.dist.sum(weight)
             with torch.autocast(self.device.type, enabled=t.amp), self.dist.data_parallel():
                 loss, logits = self.method.training_loss(ctx, x, y), None
                 if isinstance(loss, tuple):  # the method also hands back the logits it computed
@@ -288,6 +298,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{stats['loss'] / stats['seen']:.4f}", lr=f"{lr:.4g}")
             if self.dist.any(self._stop_signal is not None):  # a signal reached some process: all stop here
                 self.save(epoch)
+                self.dist.barrier()  # nobody exits (torchrun then stops the rest) before rank 0 has saved
                 raise Interrupted(f"interrupted at epoch {epoch + 1}; checkpoint saved. Continue with "
                                   f"`tailwise run --resume {self.out}`")
         if bar is not None:
@@ -313,6 +324,9 @@ class Trainer:
                     record["test"] = self.evaluate("test")
                 selection_acc = val or record.get("test")
                 record.update(self.method.on_epoch_end(self.ctx, epoch, selection_acc))
+                if self.dist.broadcast_(self.replicated_state()):  # replicas must be identical: say when not
+                    record["replicas_resynced"] = True  # e.g. non-deterministic GPU kernels in a method's own steps
+                    self.log(f"epoch {epoch + 1}: the processes' weights had drifted apart; rank 0's were restored")
                 self.elapsed += time.perf_counter() - start
                 record["time_s"] = round(time.perf_counter() - start, 3)
                 self.metrics.write(record)

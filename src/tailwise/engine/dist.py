@@ -60,12 +60,11 @@ class Dist:
         return self.rank == 0
 
     # ------------------------------------------------------------------------------------------- collectives
-    def average_all_(self, tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-        """In place: the mean over processes of every non-None tensor (identity for one process), through one
-        flat buffer per dtype, reduced on the backend's device (NCCL reduces CUDA tensors only: CPU tensors such
-        as channel scores travel to the GPU and back)."""
-        if not self.enabled:
-            return tensors
+    @torch.no_grad()
+    def _bucketed(self, tensors: list[torch.Tensor | None], collective) -> None:
+        """Apply ``collective(flat)`` (in place) to one flat buffer per dtype of the non-None ``tensors``, on the
+        backend's device (NCCL handles CUDA tensors only: CPU tensors such as channel scores travel to the GPU
+        and back), and copy the results back into the tensors."""
         buckets: dict[torch.dtype, list[torch.Tensor]] = {}
         for t in tensors:
             if t is not None:
@@ -73,31 +72,34 @@ class Dist:
         device = self.device_for_collectives()
         for group in buckets.values():
             flat = torch.cat([t.reshape(-1).to(device) for t in group])
-            tdist.all_reduce(flat)
-            flat /= self.world
+            collective(flat)
             for t, part in zip(group, flat.split([t.numel() for t in group])):
                 t.copy_(part.view_as(t))
+
+    def average_all_(self, tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """In place: the mean over processes of every non-None tensor (identity for one process)."""
+        if self.enabled:
+            def mean(flat):
+                tdist.all_reduce(flat)
+                flat /= self.world
+
+            self._bucketed(tensors, mean)
         return tensors
 
-    @torch.no_grad()
     def broadcast_(self, tensors: list[torch.Tensor | None]) -> bool:
-        """In place: rank 0's values of every non-None tensor on every process (one flat buffer per dtype).
-        Returns True on every process if any process held different values (the replicas had drifted)."""
+        """In place: rank 0's values of every non-None tensor on every process. Returns True on every process
+        if any process held different values (the replicas had drifted)."""
         if not self.enabled:
             return False
-        buckets: dict[torch.dtype, list[torch.Tensor]] = {}
-        for t in tensors:
-            if t is not None:
-                buckets.setdefault(t.dtype, []).append(t)
-        device, drifted = self.device_for_collectives(), False
-        for group in buckets.values():
-            mine = torch.cat([t.reshape(-1).to(device) for t in group])
-            flat = mine.clone()
+        drifted = []
+
+        def from_rank0(flat):
+            mine = flat.clone()
             tdist.broadcast(flat, src=0)
-            drifted = drifted or not torch.equal(mine, flat)
-            for t, part in zip(group, flat.split([t.numel() for t in group])):
-                t.copy_(part.view_as(t))
-        return self.any(drifted)
+            drifted.append(not torch.equal(mine, flat))
+
+        self._bucketed(tensors, from_rank0)
+        return self.any(any(drifted))
 
     def sum(self, value: float) -> float:
         """The sum of ``value`` over processes."""

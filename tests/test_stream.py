@@ -103,6 +103,19 @@ def test_file_split_unreadable_image_is_a_data_error(split, tmp_path):
         bad.subset([1]).example()
 
 
+def test_a_decompression_bomb_is_a_data_error(split, tmp_path, monkeypatch):
+    """PIL refuses images over twice MAX_IMAGE_PIXELS with DecompressionBombError (not an OSError): both decode
+    paths turn it into a clean DataError naming the file."""
+    from tailwise.data.sources import decode_image
+
+    save_image(tmp_path / "big.png", np.zeros((20, 20, 3), dtype=np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 400 pixels > 2 x 10
+    with pytest.raises(DataError, match=r"big\.png"):
+        FileSplit(tmp_path, ["big.png"], [0], SIZE).batch([0])
+    with pytest.raises(DataError, match=r"big\.png"):
+        decode_image((tmp_path / "big.png").read_bytes(), "big.png", None)
+
+
 # ---------------------------------------------------------------------------------------------- StreamLoader
 def test_workers_do_not_change_the_batches(split):
     inline, pooled = epochs(train_loader(split, workers=0)), epochs(train_loader(split, workers=2))

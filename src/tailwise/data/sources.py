@@ -33,9 +33,16 @@ class RawSplit:
 
 
 # --------------------------------------------------------------------------------------------------- decoding
+def decode_errors() -> tuple[type[BaseException], ...]:
+    """What PIL raises for an image it cannot decode (truncated, not an image, a decompression bomb)."""
+    from PIL import Image, UnidentifiedImageError
+
+    return OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError
+
+
 def decode_image(data: bytes, name: str, size: int | None) -> np.ndarray:
     """Decode encoded image bytes to a 3 x H x W uint8 array; resize (shorter side) + centre-crop to ``size``."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -49,7 +56,7 @@ def decode_image(data: bytes, name: str, size: int | None) -> np.ndarray:
                 left, top = (w - size) // 2, (h - size) // 2
                 img = img.crop((left, top, left + size, top + size))
             arr = np.asarray(img, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+    except decode_errors() as exc:
         raise DataError(f"cannot decode image {name}: {exc}. Remove or replace the file.") from None
     return arr.transpose(2, 0, 1)
 

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from ..errors import DataError
+from .sources import decode_errors
 
 STREAM_IMAGE_SIZE = 224  # the streamed image size when data.image_size is unset
 VERIFY_HINT = "check every image of the dataset with `tailwise data verify RECIPE.yaml`"
@@ -24,14 +25,14 @@ VERIFY_HINT = "check every image of the dataset with `tailwise data verify RECIP
 
 def open_rgb(path: str | Path):
     """The image at ``path`` as an RGB PIL image; a :class:`DataError` naming the file if it cannot be read."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
     except FileNotFoundError:
         reason = "the file does not exist"
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+    except decode_errors() as exc:
         reason = str(exc) or type(exc).__name__
     raise DataError(f"cannot read image {path}: {reason}; {VERIFY_HINT}")
 

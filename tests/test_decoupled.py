@@ -337,3 +337,25 @@ def test_four_stages_and_empty_group(tmp_path):
     assert [(s.name, s.start, s.epochs, s.lr, s.gamma) for s in small.method.stages] == [
         ("medium", 0, 6, 0.05, 0.8), ("few", 6, 2, 0.005, None)]
     assert small.train_loader.sampler.kind == "group_preferred"
+
+
+def test_importance_shared_out_by_whole_batches_adds_up_to_one_process(tmp_path):
+    """Under data parallelism each process scores a contiguous run of whole batches of the stage's images and
+    the sums are added: the parts (3 processes, the cross-process sum left out) add up to the 1-process scores."""
+    from tailwise.engine.dist import Dist
+
+    class Part(Dist):  # rank r of 3, with the cross-process sum left out: this process's part only
+        def sum_all_(self, tensors):
+            return tensors
+
+    trainer = make(tmp_path, importance_batches=None)
+    method, ctx = trainer.method, trainer.ctx
+    whole = method.importance(ctx)
+    parts = []
+    for rank in range(3):
+        trainer.dist = Part(rank=rank, world=3)
+        parts.append(method.importance(ctx))
+    trainer.dist = Dist()
+    assert sum(bool(part[0].abs().sum() > 0) for part in parts) >= 2  # the batches really were shared out
+    for i, w in enumerate(whole):
+        assert torch.allclose(sum(part[i] for part in parts), w, rtol=1e-9, atol=1e-12)

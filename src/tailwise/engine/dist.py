@@ -86,6 +86,12 @@ class Dist:
             self._bucketed(tensors, mean)
         return tensors
 
+    def sum_all_(self, tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """In place: the sum over processes of every non-None tensor (identity for one process)."""
+        if self.enabled:
+            self._bucketed(tensors, tdist.all_reduce)
+        return tensors
+
     def broadcast_(self, tensors: list[torch.Tensor | None]) -> bool:
         """In place: rank 0's values of every non-None tensor on every process. Returns True on every process
         if any process held different values (the replicas had drifted)."""

@@ -87,7 +87,7 @@ from torch import nn
 
 from ..config import bounded, choice
 from ..data.factory import make_eval_loader
-from ..data.loader import Sampler, _generator
+from ..data.loader import Sampler, _generator, rank_slice
 from ..models.ensemble import AGGREGATIONS, SubModelEnsemble, aggregate, group_weights, view_probabilities
 from ..errors import ConfigError, TrainingError
 from . import Method, register_method
@@ -403,7 +403,8 @@ class Decoupled(Method):
 
     # ------------------------------------------------------------------------------------------ decoupling
     def importance(self, ctx) -> list[torch.Tensor]:
-        """``sum_b (w · g_b)^2`` over the scoring pass of the stage's classes (eval mode, unaugmented)."""
+        """``sum_b (w · g_b)^2`` over the scoring pass of the stage's classes (eval mode, unaugmented); under data
+        parallelism the batches are shared out and the sums added, so every process gets the whole sum."""
         s, model, tr = self.stages[self.stage], ctx.model, ctx.trainer
         member = torch.zeros(ctx.data.num_classes, dtype=torch.bool)
         member[s.classes] = True
@@ -411,6 +412,10 @@ class Decoupled(Method):
         bs = ctx.cfg.train.batch_size
         if self.options.importance_batches is not None:
             idx = idx[:self.options.importance_batches * bs]
+        # data parallelism: each process scores a contiguous run of whole batches; the sums are added up
+        count = -(-len(idx) // bs)
+        mine = range(count)[rank_slice(count, ctx.dist.rank, ctx.dist.world)]
+        idx = idx[mine.start * bs:mine.stop * bs]
         loader = make_eval_loader(ctx.data.train.subset(idx), bs, tr.mean, tr.std, ctx.device,
                                   tr.train_loader.channels_last, ctx.cfg.run.workers)
         scores = [torch.zeros(p.shape, dtype=torch.float64, device=p.device) for _, p in self.params]
@@ -425,7 +430,7 @@ class Decoupled(Method):
                         sc.add_((p.detach() * g).double().pow(2))
         finally:
             model.train(was)
-        return scores
+        return ctx.dist.sum_all_(scores)
 
     def _retrain_step(self, ctx, x, y) -> float:
         opt = ctx.optimizer
@@ -443,7 +448,7 @@ class Decoupled(Method):
         """TPD at the end of stage ``self.stage``; then move to the next stage."""
         o, t, s = self.options, self.stage, self.stages[self.stage]
         cpo = self._eval_live(ctx)
-        scores = [sc.cpu() for sc in ctx.dist.average_all_(self.importance(ctx))]  # identical on every process
+        scores = [sc.cpu() for sc in self.importance(ctx)]
         free = [(ow == 0).cpu() for ow in self.owner]
         gamma, sweep = s.gamma, None
         if o.gamma_select == "sweep":

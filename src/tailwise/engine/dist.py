@@ -16,8 +16,9 @@ Three rules make N processes compute what one process computes on the same globa
    batch (:class:`GlobalBatchNorm2d`, a differentiable all-reduce of per-channel moments; works on gloo and NCCL,
    unlike ``nn.SyncBatchNorm``), and its running statistics advance exactly as one process's would.
 3. **Replicated decisions.** Whatever a method decides (LTAP's ranks, growth events, DO's masks) is computed from
-   averaged gradients and gathered evaluations, and its scores are averaged again before ranking
-   (:meth:`Dist.average_all_`), so every process takes the same decision; method randomness uses the same seed.
+   averaged gradients and gathered evaluations, and its scores are reduced across processes before ranking
+   (:meth:`Dist.average_all_`, :meth:`Dist.sum_all_`), so every process takes the same decision; method
+   randomness uses the same seed.
    At the end of every epoch rank 0's weights, buffers and momentum are broadcast (:meth:`Dist.broadcast_`),
    and a drift (non-deterministic GPU kernels) is reported in ``metrics.jsonl``.
 

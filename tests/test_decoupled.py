@@ -359,3 +359,11 @@ def test_importance_shared_out_by_whole_batches_adds_up_to_one_process(tmp_path)
     assert sum(bool(part[0].abs().sum() > 0) for part in parts) >= 2  # the batches really were shared out
     for i, w in enumerate(whole):
         assert torch.allclose(sum(part[i] for part in parts), w, rtol=1e-9, atol=1e-12)
+
+
+def test_metrics_log_the_learning_rate_the_method_set(full_run):
+    """DO owns the learning rate (stage 1 cosine, later stages constant): metrics.jsonl's lr is the one used,
+    not the unused train.schedule's."""
+    trainer, _ = full_run
+    for record in trainer.metrics.records():
+        assert record["lr"] == pytest.approx(record["do"]["lr"]), record["epoch"]

@@ -303,6 +303,7 @@ class Trainer:
                                   f"`tailwise run --resume {self.out}`")
         if bar is not None:
             bar.close()
+        lr = ctx.optimizer.param_groups[0]["lr"]  # what was used: a method may own the learning rate (DO)
         return {"lr": lr, "train_loss": stats["loss"] / max(1, stats["seen"]),
                 "train_acc": 100.0 * stats["correct"] / stats["counted"] if stats["counted"] else None}
 

@@ -34,7 +34,7 @@ if str(ROOT / "src") not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import DEFAULT_DATA, DOCS, log, machine_lines, timed, section_head, write_section  # noqa: E402
+from common import DEFAULT_DATA, DOCS, log, machine_lines, publish, section_head, timed  # noqa: E402
 from tailwise.config import load_config  # noqa: E402
 from tailwise.data import sources  # noqa: E402
 from tailwise.data.cache import _load, cached_split, source_fingerprint  # noqa: E402
@@ -247,10 +247,7 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     section, ok = report(args, machine, cache, load, time.perf_counter() - start)
-    print(section)
-    if args.write_docs:
-        write_section(DOCS, section)
-        log(f"wrote the section to {DOCS}")
+    publish(section, args.write_docs)
     return 0 if ok else 1
 
 

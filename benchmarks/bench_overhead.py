@@ -40,7 +40,7 @@ if str(ROOT / "src") not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import DEFAULT_DATA, DOCS, log, machine_lines, timed, section_head, write_section  # noqa: E402
+from common import DEFAULT_DATA, DOCS, log, machine_lines, publish, section_head, timed  # noqa: E402
 from tailwise.config import load_config  # noqa: E402
 from tailwise.errors import ConfigError  # noqa: E402
 from tailwise.data.loader import _generator, random_crop, random_flip  # noqa: E402
@@ -242,10 +242,7 @@ def main(argv=None) -> int:
     machine = machine_lines(args.threads)
     res = run(args)
     section, ok = report(args, machine, res, time.perf_counter() - start)
-    print(section)
-    if args.write_docs:
-        write_section(DOCS, section)
-        log(f"wrote the section to {DOCS}")
+    publish(section, args.write_docs)
     return 0 if ok else 1
 
 

@@ -69,3 +69,16 @@ def write_section(path: Path, section: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(body)
     os.replace(tmp, path)
+
+
+def publish(section: str, write_docs: bool) -> None:
+    """Print a benchmark's docs section; with ``--write-docs`` also replace that section in docs/benchmarks.md."""
+    print(section)
+    if write_docs:
+        write_section(DOCS, section)
+        log(f"wrote the section to {DOCS}")
+
+
+def fmt(value: float | None) -> str:
+    """An accuracy cell: two decimals, ``-`` when missing."""
+    return "-" if value is None else f"{value:.2f}"

@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common import DOCS, write_section
+from common import publish
 
 SECTION = "## Structured compression: magnitude pruning on CIFAR-10-LT IR 100 (ResNet-32, short schedule)"
 TARGET_SPEEDUP, TARGET_F = 2.5, 30.0
@@ -71,9 +71,7 @@ def main() -> None:
         "| Run | Threads | Memory format | Batch | Dense ms | Compressed ms | Speed-up | Median pair ratio |",
         "|---|---:|---|---:|---:|---:|---:|---:|", *latencies, "",
         "Acceptance (issue: F ≤ 30% and ≥ 2.5x lower latency at batch 128):", *verdicts, ""])
-    print(text)
-    if args.write_docs:
-        write_section(DOCS, text)
+    publish(text, args.write_docs)
 
 
 if __name__ == "__main__":

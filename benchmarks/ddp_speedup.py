@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DOCS, log, machine_lines, section_head, write_section  # noqa: E402
+from common import log, machine_lines, publish, section_head
 
 HEADING = "## Data-parallel training: 1 vs N processes"
 
@@ -71,10 +70,7 @@ def main() -> None:
     if ns.note:
         lines += ["", ns.note]
     section = "\n".join(lines) + "\n"
-    print(section)
-    if ns.write_docs:
-        write_section(DOCS, section)
-        log(f"wrote {DOCS}")
+    publish(section, ns.write_docs)
 
 
 if __name__ == "__main__":

@@ -20,17 +20,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DOCS, log, machine_lines, write_section  # noqa: E402
+from common import fmt, log, machine_lines, publish, section_head
 
 AGGREGATIONS = ("average", "instance", "group")
 LABELS = {"average": "average of the sub-models (paper: Ours wo TTL)",
           "instance": "instance-level test-time learning (paper: Ours)",
           "group": "group-level weights learned on the unlabelled test set (SADE-style)"}
-
-
-def fmt(v) -> str:
-    return "-" if v is None else f"{v:.2f}"
 
 
 def test_images(run_dir: Path, n: int) -> torch.Tensor:
@@ -110,19 +105,15 @@ def main() -> None:
         stages.append(f"| {r['stage']} | {r['group']} | {fmt(r.get('gamma'))} | {fmt(cpo.get('all'))} | "
                       f"{fmt(tpd.get('all'))} |")
     lam = final.get("test_time", {}).get("mean_lambda_per_group")
-    lines = [f"## {ns.section}", "", ns.intro, "",
-             "Command (repository root): `PYTHONPATH=src .venv/bin/python benchmarks/do_benchmark.py "
-             + " ".join(sys.argv[1:]) + "`", ""] + machine_lines(ns.threads) + [
+    lines = [*section_head(f"## {ns.section}", "benchmarks/do_benchmark.py", sys.argv[1:]), *([ns.intro, ""] if ns.intro else []),
+             *machine_lines(ns.threads),
              f"- Runs: `{base_dir}` (baseline), `{do_dir}` (DO); timing: {len(x)} test images, batch {ns.batch}", "",
              *rows, "", *stages]
     if lam:
         lines += ["", "Mean instance weight per class group of the true label (Table 9; sub-models in stage order): "
                   + "; ".join(f"{g}: {', '.join(f'{v:.3f}' for v in vals)}" for g, vals in lam.items())]
-    section = "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"
-    print(section)
-    if ns.write_docs:
-        write_section(DOCS, section)
-        log(f"wrote {DOCS}")
+    section = "\n".join(lines) + "\n"
+    publish(section, ns.write_docs)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,11 @@ Unfinished runs are listed with their progress.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
-from common import DOCS, write_section
+from common import publish
 
 from tailwise.eval.report import load_run, method_label
 
@@ -86,9 +85,7 @@ def main(argv=None) -> int:
         stage_end = m["stage_epochs"][-1]
         lines.append(row(run, dense, stage_end, epochs))
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write_docs:
-        write_section(DOCS, text)
+    publish(text, args.write_docs)
     return 0
 
 

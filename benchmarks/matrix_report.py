@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import DOCS, ROOT, write_section
+from common import ROOT, publish
 
 from tailwise.eval.report import build_report
 
@@ -46,9 +46,7 @@ def main(argv=None) -> int:
         lines += ["Not in the table (unfinished or unreadable):", ""] + [f"- {w}" for w in report["warnings"]] + [""]
     lines += ["Plots:", ""] + [f"- [{title}]({rel}/plots/{path.name})" for title, path in report["plots"]] + [""]
     text = "\n".join(lines)
-    print(text)
-    if args.write_docs:
-        write_section(DOCS, text)
+    publish(text, args.write_docs)
     return check.returncode
 
 

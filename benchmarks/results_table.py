@@ -12,12 +12,7 @@ import json
 import re
 from pathlib import Path
 
-from common import DOCS, write_section
-
-
-
-def fmt(v) -> str:
-    return "-" if v is None else f"{v:.2f}"
+from common import fmt, publish
 
 
 def row(run_dir: Path, label: str) -> str:
@@ -56,9 +51,7 @@ def main() -> None:
         label, _, value = spec.partition("=")
         lines.append(f"| {label} (published) | 200 | | | | {value} | | | | |")
     text = "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"
-    print(text)
-    if args.write_docs:
-        write_section(DOCS, text)
+    publish(text, args.write_docs)
 
 if __name__ == "__main__":
     main()

@@ -31,7 +31,7 @@ if str(ROOT / "src") not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common import DOCS, log, machine_lines, section_head, write_section  # noqa: E402
+from common import DOCS, log, machine_lines, publish, section_head  # noqa: E402
 from tailwise.data.loader import Sampler  # noqa: E402
 from tailwise.data.longtail import profile_counts  # noqa: E402
 from tailwise.data.stats import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
@@ -201,10 +201,7 @@ def main(argv=None) -> int:
         if not args.dir:
             shutil.rmtree(directory, ignore_errors=True)
     section = report(args, machine, data, rows, time.perf_counter() - start)
-    print(section)
-    if args.write_docs:
-        write_section(DOCS, section)
-        log(f"wrote the section to {DOCS}")
+    publish(section, args.write_docs)
     return 0
 
 

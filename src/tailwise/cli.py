@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -70,10 +69,12 @@ def cmd_run(ns) -> int:
         raise TailwiseError("tailwise run needs a recipe (a YAML file or a name from `tailwise recipes`)")
     if ns.resume and ns.branch_from:
         raise TailwiseError("--branch-from starts a new run; it cannot be combined with --resume")
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # under torchrun: --out is required, rank 0 prints
-    out = ns.resume or ns.out or (None if distributed else f"runs/{Path(recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    from .engine.dist import launched
+
+    rank, world = launched()  # under torchrun: --out is required (run() says so), rank 0 prints
+    out = ns.resume or ns.out or (None if world > 1 else f"runs/{Path(recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     result = run(recipe, overrides, out, resume=bool(ns.resume), branch_from=ns.branch_from)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank == 0:
         print(_table([("top-1 %", result)]))
         print(f"run directory: {out}")
     return 0

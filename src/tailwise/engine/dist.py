@@ -49,7 +49,6 @@ class Dist:
 
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
     backend: str | None = None
 
     @property
@@ -108,24 +107,20 @@ class Dist:
         self._bucketed(tensors, from_rank0)
         return self.any(any(drifted))
 
-    def sum(self, value: float) -> float:
-        """The sum of ``value`` over processes."""
+    def totals(self, values: list[float]) -> list[float]:
+        """The sums over processes of ``values`` (counters, loss sums), in one float64 all-reduce."""
         if not self.enabled:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device_for_collectives())
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device_for_collectives())
         tdist.all_reduce(t)
-        return float(t.item())
+        return t.tolist()
 
     def sync_step(self, params: list[nn.Parameter], totals: list[float]) -> list[float]:
         """After ``backward`` of the share-scaled loss: average the gradients of ``params`` over processes and
-        sum ``totals`` (per-step counters: loss sum, images, correct). Returns the summed totals;
-        for one process the gradients are untouched and ``totals`` returned as they are."""
-        if not self.enabled:
-            return list(totals)
+        sum ``totals`` (per-step counters: loss sum, images, correct). Returns the summed totals; for one process
+        the gradients are untouched."""
         self.average_all_([p.grad for p in params])
-        extra = torch.tensor(totals, dtype=torch.float64, device=self.device_for_collectives())
-        tdist.all_reduce(extra)
-        return extra.tolist()
+        return self.totals(totals)
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Concatenate the processes' ``tensor`` (any length along dim 0) in rank order, on every process."""
@@ -144,11 +139,7 @@ class Dist:
 
     def any(self, flag: bool) -> bool:
         """True on every process if ``flag`` is True on any."""
-        if not self.enabled:
-            return flag
-        t = torch.tensor([float(flag)], device=self.device_for_collectives())
-        tdist.all_reduce(t)
-        return bool(t.item() > 0)
+        return self.totals([float(flag)])[0] > 0
 
     def barrier(self) -> None:
         if self.enabled:
@@ -171,15 +162,20 @@ class Dist:
             _GLOBAL_BN = previous
 
 
+def launched() -> tuple[int, int]:
+    """(rank, world size) of this process as torchrun's environment describes it; (0, 1) outside torchrun."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def from_environment(device_setting: str = "auto") -> tuple[Dist, str]:
     """Join the torchrun job described by ``WORLD_SIZE`` / ``RANK`` / ``LOCAL_RANK`` (no-op without them).
 
     Returns the :class:`Dist` and the device setting to use: ``cuda:LOCAL_RANK`` for CUDA runs (NCCL), the
     given setting otherwise (gloo)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world = launched()
     if world <= 1:
         return Dist(), device_setting
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))  # this node's GPU
     use_cuda = device_setting.startswith("cuda") or (device_setting == "auto" and torch.cuda.is_available())
     backend = "nccl" if use_cuda else "gloo"
     if use_cuda:
@@ -187,7 +183,7 @@ def from_environment(device_setting: str = "auto") -> tuple[Dist, str]:
         device_setting = f"cuda:{local}"
     if not tdist.is_initialized():
         tdist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
-    return Dist(rank, world, local, backend), device_setting
+    return Dist(rank, world, backend), device_setting
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -263,7 +263,7 @@ class Trainer:
         for x, y in self.train_loader:
             if self.dist.enabled:  # engine.dist rule 1: this process's part of the global batch's loss
                 weight = self.loss_fn.batch_weight(y)
-                ctx.batch_share = weight * self.dist.world / self.dist.sum(weight)
+                ctx.batch_share = weight * self.dist.world / self.dist.totals([weight])[0]
             with torch.autocast(self.device.type, enabled=t.amp), self.dist.data_parallel():
                 loss, logits = self.method.training_loss(ctx, x, y), None
                 if isinstance(loss, tuple):  # the method also hands back the logits it computed

@@ -349,9 +349,9 @@ class MoreRebalancing(Method):
 
     def on_epoch_end(self, ctx, epoch: int, val: dict | None) -> dict:
         acc = self.epoch_acc
-        n = max(1, ctx.dist.sum(acc["n"]))  # every process's images (one process: its own)
-        record = {"more_alpha": acc["alpha"], "more_loss": ctx.dist.sum(acc["loss_more"]) / n,
-                  "more_train_acc": 100.0 * ctx.dist.sum(acc["correct"]) / n}
+        n, loss_more, correct = ctx.dist.totals([acc["n"], acc["loss_more"], acc["correct"]])  # every process's
+        n = max(1, n)
+        record = {"more_alpha": acc["alpha"], "more_loss": loss_more / n, "more_train_acc": 100.0 * correct / n}
         if self.options.measure_overhead and acc["timed"]:
             record["more_step_s"] = round(acc["step_s"] / acc["timed"], 5)
             record["more_general_fwd_s"] = round(acc["general_s"] / acc["timed"], 5)

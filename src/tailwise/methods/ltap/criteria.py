@@ -217,12 +217,6 @@ class CriteriaAccumulator:
         self.sums = {k: v.clone().to(device) for k, v in state["sums"].items()}
         self.fisher = None if state["fisher"] is None else [f.clone().to(device) for f in state["fisher"]]
 
-    def sync(self, dist) -> None:
-        """Average the accumulators over the processes of a data-parallel run (``dist``:
-        :class:`tailwise.engine.dist.Dist`; a no-op for one process). The gradients are already averaged, so the
-        processes agree; this keeps them agreeing bit for bit before the ranking."""
-        dist.average_all_(list(self.sums.values()) + (self.fisher or []))
-
 
 def normalise(values: torch.Tensor, live: torch.Tensor, how: str = "l2",
               segments: list[tuple[int, int]] | None = None) -> torch.Tensor:

@@ -183,7 +183,6 @@ class LTAPPruning(StructuredPruning):
     def scores(self, ctx, epoch: int, val: dict | None) -> list[torch.Tensor]:
         live = [self.masks.live(i) for i in range(len(self.groups))]
         flat_live = torch.cat(live)
-        self.accumulator.sync(ctx.dist)
         raw = self.accumulator.compute(ctx.model, live)
         self.accumulator.reset()
         segments = [(o, g.size) for o, g in zip(self.layout.offsets, self.groups)]

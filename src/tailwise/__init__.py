@@ -20,7 +20,7 @@ def run(recipe, overrides=(), out=None, resume=False, branch_from=None):
     from pathlib import Path
 
     from .config import apply_overrides, config_from_dict, load_config, load_recipe
-    from .engine.dist import from_environment
+    from .engine.dist import from_environment, launched
     from .engine.trainer import Trainer, prepare_run_dir
     from .errors import TrainingError
 
@@ -28,9 +28,9 @@ def run(recipe, overrides=(), out=None, resume=False, branch_from=None):
         cfg = config_from_dict(apply_overrides(load_recipe(Path(out) / "config.yaml"), list(overrides)))
     else:
         cfg = load_config(recipe, list(overrides))
-    dist, device = from_environment(cfg.run.device)  # under torchrun: join the job (rank 0 alone writes)
-    if out is None and cfg.run.out is None and dist.enabled:
+    if out is None and cfg.run.out is None and launched()[1] > 1:  # before joining the job: fail at once
         raise TrainingError("under torchrun give the run directory with --out (every process must use the same)")
+    dist, device = from_environment(cfg.run.device)  # under torchrun: join the job (rank 0 alone writes)
     out = Path(out or cfg.run.out or f"runs/{Path(str(recipe)).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     if not resume:
         failed = None

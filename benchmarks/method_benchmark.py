@@ -1,0 +1,145 @@
+"""A training-time method against the same recipe without it, from finished runs (plasticity, MORE).
+
+    python benchmarks/method_benchmark.py --section "TITLE" BASE_RUN:METHOD_RUN [BASE_RUN:METHOD_RUN ...]
+        [--intro TEXT] [--write-docs]
+
+One row per run (each base run once, then its method runs): many / medium / few / all test accuracy of the last
+epoch, the change against its base run, parameters and MACs of the deployed model, and the median epoch wall time
+(training + validation + the method's end-of-epoch work) with its ratio to the base run's. Base and method runs
+were trained at different times on a shared machine, so that ratio carries the machine's noise; each method also
+reports a within-run measurement that does not:
+
+- ``plasticity``: the median time of the scoring epochs (those that end in a growth/removal event: the extra
+  reweighted backward and the surgery) over the median of the other epochs of the same run, and per event the
+  channels duplicated / removed;
+- ``more``: the method's own step timing (steps with the general-only pass over steps with the base loss only, on
+  the same reparametrised model), the low-rank parameter count and the merge check of the deployed model.
+
+A run without ``result.json`` (still training) is listed under the table with its last finished epoch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from common import fmt, machine_lines, publish, section_head
+
+
+def load_run(path: Path) -> dict:
+    """``result.json`` (``None`` while training), the per-epoch records and the config's epoch count."""
+    records = []
+    metrics = path / "metrics.jsonl"
+    if metrics.is_file():
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    result = path / "result.json"
+    return {"path": path, "result": json.loads(result.read_text()) if result.is_file() else None,
+            "records": records}
+
+
+def method_label(result: dict) -> str:
+    m = result["method"]
+    if m["name"] == "plasticity":
+        return f"+ plasticity (E_mod {m['every_epochs']}, alpha {m['alpha']}, {m['scope']})"
+    if m["name"] == "more":
+        return f"+ MORE (A' {m['amplitude']:g}, {m['schedule']}, rank ratio {m['ratio']:g})"
+    return "dense" if m["name"] == "none" else f"+ {m['name']}"
+
+
+def median_epoch_s(records: list[dict]) -> float | None:
+    times = [r["time_s"] for r in records if "time_s" in r]
+    return statistics.median(times) if times else None
+
+
+def within_run_lines(run: dict) -> list[str]:
+    """The method's own overhead measurement and its bookkeeping, as bullet lines."""
+    result, label = run["result"], f"`{run['path'].name}`"
+    m = result["method"]
+    if m["name"] == "plasticity":
+        scoring = [r["time_s"] for r in run["records"] if "plasticity" in r]
+        other = [r["time_s"] for r in run["records"] if "plasticity" not in r]
+        lines = []
+        if scoring and other:
+            a, b = statistics.median(scoring), statistics.median(other)
+            lines.append(f"- {label}: scoring epochs (reweighted ranking + surgery) median {a:.1f} s vs the other "
+                         f"epochs {b:.1f} s: x{a / b:.2f} on {len(scoring)} of {len(scoring) + len(other)} epochs, "
+                         f"i.e. x{(sum(scoring) + sum(other)) / (b * (len(scoring) + len(other))):.3f} over the run")
+        events = "; ".join(f"after epoch {e['epoch'] + 1}: {e['duplicated']} duplicated / {e['removed']} removed"
+                           for e in m.get("history", []))
+        lines.append(f"- {label}: events {events}; final parameters {result['cost']['params']:,} "
+                     f"(dense {result['cost']['params_dense']:,})")
+        return lines
+    if m["name"] == "more":
+        o, check = m.get("overhead") or {}, m.get("merge_check") or {}
+        lines = []
+        if o.get("ratio"):
+            lines.append(f"- {label}: training step with the general-only pass {1000 * o['step_s_with_more']:.1f} ms "
+                         f"vs base loss only {1000 * o['step_s_without_more']:.1f} ms (same model, alpha = 0 steps): "
+                         f"x{o['ratio']:.2f} ({o['steps_with']} vs {o['steps_without']} steps); general pass "
+                         f"{1000 * o['general_fwd_s']:.1f} ms per step")
+        elif o.get("step_s_without_more"):
+            lines.append(f"- {label}: no step ran the general-only pass (alpha = 0 throughout): "
+                         f"{1000 * o['step_s_without_more']:.1f} ms per step")
+        lines.append(f"- {label}: {m['layers_reparametrised']} layers reparametrised, {m['lowrank_params']:,} low-rank "
+                     f"parameters during training; merge check {json.dumps(check)}")
+        return lines
+    return []
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("pairs", nargs="+", metavar="BASE_RUN:METHOD_RUN")
+    ap.add_argument("--section", required=True, help="the docs section's heading (without '## ')")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads the runs trained with (for the record)")
+    ap.add_argument("--intro", default="")
+    ap.add_argument("--write-docs", action="store_true")
+    ns = ap.parse_args()
+    pairs = []
+    for spec in ns.pairs:
+        base, sep, method = spec.partition(":")
+        if not sep:
+            sys.exit(f"method_benchmark: expected BASE_RUN:METHOD_RUN, got {spec!r}")
+        pairs.append((Path(base), Path(method)))
+    runs = {p: load_run(p) for pair in pairs for p in pair}
+    for p, run in runs.items():
+        if not run["records"]:
+            sys.exit(f"method_benchmark: {p} has no metrics.jsonl")
+
+    rows = ["| Loss | Model | Many | Medium | Few | All | Δ All | Δ Few | Params | MACs (M) | Median epoch s | x base |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    unfinished, notes, shown = [], [], set()
+    for base_path, method_path in pairs:
+        base = runs[base_path]
+        for path, is_base in ((base_path, True), (method_path, False)):
+            run = runs[path]
+            if path in shown:
+                continue
+            shown.add(path)
+            result = run["result"]
+            if result is None:
+                unfinished.append(f"`{path}` (epoch {run['records'][-1]['epoch'] + 1} finished)")
+                continue
+            acc, cost = result["accuracy"], result["cost"]
+            t, t_base = median_epoch_s(run["records"]), median_epoch_s(base["records"])
+            delta = ("", "") if is_base or base["result"] is None else (
+                f"{acc['all'] - base['result']['accuracy']['all']:+.2f}",
+                f"{acc['few'] - base['result']['accuracy']['few']:+.2f}")
+            rows.append(f"| {result['loss']} | {method_label(result)} | {fmt(acc['many'])} | {fmt(acc['medium'])} | "
+                        f"{fmt(acc['few'])} | **{fmt(acc['all'])}** | {delta[0]} | {delta[1]} | {cost['params']:,} | "
+                        f"{cost['macs'] / 1e6:.2f} | {t:.1f} | {t / t_base:.2f} |")
+            if not is_base:
+                notes += within_run_lines(run)
+    lines = [*section_head(f"## {ns.section}", "benchmarks/method_benchmark.py", sys.argv[1:]),
+             *([ns.intro, ""] if ns.intro else []), *machine_lines(ns.threads),
+             "- Runs: " + ", ".join(f"`{p}`" for p in runs), "", *rows, ""]
+    if notes:
+        lines += ["Overhead measured within each method run, and what the method did:", "", *notes, ""]
+    if unfinished:
+        lines += ["Still training (not in the table): " + ", ".join(unfinished) + ".", ""]
+    publish("\n".join(lines), ns.write_docs)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""benchmarks/method_benchmark.py: the method-vs-base table is computed from the runs' own result files."""
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from test_engine import tiny_config, trainer_for
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train(out: Path, method: dict | None) -> dict:
+    raw = tiny_config(epochs=3)
+    if method:
+        raw["method"] = method
+    trainer_for(raw, out).fit()
+    return json.loads((out / "result.json").read_text())
+
+
+def test_table_rows_deltas_and_within_run_overhead(tmp_path):
+    base = train(tmp_path / "base", None)
+    plastic = train(tmp_path / "plastic", {"name": "plasticity", "every_epochs": 1, "alpha": 0.25})
+    more = train(tmp_path / "more", {"name": "more", "amplitude": 2.0})
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "metrics.jsonl").write_text(json.dumps({"epoch": 6, "time_s": 1.0}) + "\n")
+    pairs = [f"{tmp_path / 'base'}:{tmp_path / name}" for name in ("plastic", "more", "unfinished")]
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "method_benchmark.py"), "--section", "T", *pairs],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split("|")[2].strip(): [c.strip() for c in line.split("|")[1:-1]]
+            for line in out.stdout.splitlines() if line.startswith("| balanced_softmax")}
+    assert len(rows) == 3  # the shared base run appears once
+    for result in (plastic, more):
+        label = next(k for k in rows if result["method"]["name"] in k.lower())
+        row = rows[label]
+        assert row[5] == f"**{result['accuracy']['all']:.2f}**"
+        assert row[6] == f"{result['accuracy']['all'] - base['accuracy']['all']:+.2f}"
+        assert row[7] == f"{result['accuracy']['few'] - base['accuracy']['few']:+.2f}"
+        assert row[8] == f"{result['cost']['params']:,}"
+    assert rows["dense"][6] == ""  # no delta for the base itself
+    # plasticity: every epoch but the last ends in an event (every_epochs 1, the last epoch is exempt)
+    records = [json.loads(line) for line in (tmp_path / "plastic" / "metrics.jsonl").read_text().splitlines()]
+    scoring = [r["time_s"] for r in records if "plasticity" in r]
+    other = [r["time_s"] for r in records if "plasticity" not in r]
+    assert len(scoring) == 2 and len(other) == 1
+    assert f"x{statistics.median(scoring) / statistics.median(other):.2f} on 2 of 3 epochs" in out.stdout
+    assert out.stdout.count(" duplicated / ") == 2
+    ratio = more["method"]["overhead"]["ratio"]
+    assert f"x{ratio:.2f} (" in out.stdout and "merge check" in out.stdout
+    assert "`" + str(tmp_path / "unfinished") + "` (epoch 7 finished)" in out.stdout
+
+
+def test_rejects_a_spec_without_a_pair(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "method_benchmark.py"), "--section", "T",
+                          str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "BASE_RUN:METHOD_RUN" in out.stderr

@@ -61,3 +61,33 @@ def test_cli_demo_then_eval_and_resume(tmp_path):
 def test_cli_eval_of_a_non_run_dir(tmp_path):
     proc = run_cli("eval", str(tmp_path), cwd=tmp_path)
     assert proc.returncode == 2 and "not a tailwise run directory" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_methods_lists_every_method_and_documents_its_options(tmp_path):
+    from tailwise.methods import list_methods
+    from tailwise.methods.plasticity import PlasticityOptions
+
+    proc = run_cli("methods", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    listed = [line.split()[0] for line in proc.stdout.splitlines()[:len(list_methods())]]
+    assert listed == list_methods()
+    proc = run_cli("methods", "plasticity", cwd=tmp_path)
+    assert proc.returncode == 0 and "Weight scaling" in proc.stdout  # the module docstring
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.startswith("  method.")}
+    assert set(rows) == {f"method.{k}" for k in PlasticityOptions.__dataclass_fields__}
+    assert rows["method.alpha"][1:] == ["float", "0.3", ">", "0.0", "and", "<=", "0.5"]
+    assert rows["method.scope"][1:] == ["str", "internal", "internal,", "residual,", "all"]
+    assert rows["method.reweight"][1:] == ["bool", "true"]
+    proc = run_cli("methods", "none", cwd=tmp_path)
+    assert proc.returncode == 0 and "No options." in proc.stdout
+    proc = run_cli("methods", "prune-everything", cwd=tmp_path)
+    assert proc.returncode == 2 and "allowed: do, ltap" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_out_of_range_message_names_both_bounds():
+    import pytest
+
+    from tailwise.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match=r"method\.rho_m: 1\.5 is out of range; must be > 0\.0 and <= 0\.99"):
+        config_from_dict({"data": {"name": "synthetic"}, "loss": {"name": "ce"}, "method": {"name": "do", "rho_m": 1.5}})

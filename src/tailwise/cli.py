@@ -240,6 +240,34 @@ def cmd_recipes(ns) -> int:
     return 0
 
 
+def cmd_methods(ns) -> int:
+    import inspect
+    import sys
+
+    from .config import field_table
+    from .methods import list_methods, method_class
+
+    if ns.name is None:
+        for name in list_methods():
+            print(f"{name:12s} {method_class(name).summary}")
+        print("\n`tailwise methods NAME` prints a method's documentation and every method.* option.")
+        return 0
+    cls = method_class(ns.name)
+    print(f"{cls.name}: {cls.summary}\n")
+    if cls is not method_class("none"):
+        print(inspect.getdoc(sys.modules[cls.__module__]), end="\n\n")
+    table = field_table(cls.Options)
+    if not table:
+        print("No options.")
+        return 0
+    rows = [("key", "type", "default", "allowed"), *(("method." + r[0], *r[1:]) for r in table)]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    print("Options (method.KEY=VALUE on the command line, or under `method:` in a recipe):")
+    for r in rows:
+        print(("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3]).rstrip())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tailwise", description="Long-tailed recognition with parameter-space rebalancing")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -294,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--workers", type=int, help="processes checking images (default: run.workers; 0 with --list)")
     q.add_argument("--show", type=int, default=5, help="offending entries shown per problem kind (default 5)")
     q.set_defaults(fn=cmd_data_verify)
+    p = sub.add_parser("methods", help="list the methods, or print one method's documentation and options")
+    p.add_argument("name", nargs="?", help="a method name (see the list)")
+    p.set_defaults(fn=cmd_methods)
     p = sub.add_parser("recipes", help="list the bundled recipes")
     p.set_defaults(fn=cmd_recipes)
     return parser

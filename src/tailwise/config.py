@@ -213,12 +213,35 @@ def build_dataclass(cls, values: dict | None, path: str):
             raise ConfigError(f"{key}: {value!r} is not allowed; allowed: {allowed}")
         if value is not None and isinstance(value, (int, float)):
             low, high = meta.get("low"), meta.get("high")
-            if low is not None and (value < low or (meta.get("low_open") and value == low)):
-                raise ConfigError(f"{key}: {value} is out of range; must be {'>' if meta.get('low_open') else '>='} {low}")
-            if high is not None and (value > high or (meta.get("high_open") and value == high)):
-                raise ConfigError(f"{key}: {value} is out of range; must be {'<' if meta.get('high_open') else '<='} {high}")
+            if (low is not None and (value < low or (meta.get("low_open") and value == low))) or \
+                    (high is not None and (value > high or (meta.get("high_open") and value == high))):
+                raise ConfigError(f"{key}: {value} is out of range; must be {' and '.join(bounds_text(meta))}")
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def bounds_text(meta) -> list[str]:
+    """The bounds of a :func:`bounded` field as text, e.g. ``['> 0.0', '<= 0.99']``."""
+    out = []
+    if meta.get("low") is not None:
+        out.append(f"{'>' if meta.get('low_open') else '>='} {meta['low']}")
+    if meta.get("high") is not None:
+        out.append(f"{'<' if meta.get('high_open') else '<='} {meta['high']}")
+    return out
+
+
+def field_table(cls) -> list[tuple[str, str, str, str]]:
+    """``(key, type, default, allowed)`` of every field of the options dataclass ``cls``, as text."""
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        allowed = (", ".join(str(c) for c in f.metadata["choices"]) if "choices" in f.metadata
+                   else " and ".join(bounds_text(f.metadata)))
+        kind = getattr(hints[f.name], "__name__", None) or str(hints[f.name])
+        text = "null" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
+        rows.append((f.name, str(kind).replace("typing.", ""), text, allowed))
+    return rows
 
 
 def _check_streaming(data: DataConfig) -> None:

@@ -19,6 +19,7 @@ class Method:
     """The hook protocol. The base class is the plain baseline (``method: none``): every hook is a no-op."""
 
     name = "none"
+    summary = "plain training with the chosen loss"  # one line for `tailwise methods`
 
     @dataclass
     class Options:
@@ -92,6 +93,13 @@ def list_methods() -> list[str]:
     return sorted(_METHODS)
 
 
+def method_class(name: str) -> type[Method]:
+    """The registered method ``name``; ConfigError naming the allowed ones otherwise."""
+    if name not in _METHODS:
+        raise ConfigError(f"method.name: {name!r} is not allowed; allowed: {', '.join(list_methods())}")
+    return _METHODS[name]
+
+
 def validate_method_config(raw: Any, cfg=None) -> dict:
     """Validate the ``method`` section against the method's options dataclass (and, given the rest of the
     config ``cfg``, the method's own cross-checks); returns the resolved dict."""
@@ -101,11 +109,10 @@ def validate_method_config(raw: Any, cfg=None) -> dict:
         raise ConfigError(f"method: expected a mapping like {{name: none}}, got {raw!r}")
     raw = dict(raw)
     name = raw.pop("name", "none")
-    if name not in _METHODS:
-        raise ConfigError(f"method.name: {name!r} is not allowed; allowed: {', '.join(list_methods())}")
-    options = build_dataclass(_METHODS[name].Options, raw, "method")
+    cls = method_class(name)
+    options = build_dataclass(cls.Options, raw, "method")
     if cfg is not None:
-        _METHODS[name].check_options(options, cfg)
+        cls.check_options(options, cfg)
     return {"name": name, **dataclasses.asdict(options)}
 
 

@@ -239,6 +239,8 @@ def select_pruned(scores: list[torch.Tensor], free: list[torch.Tensor], ratio: f
 @register_method
 class Decoupled(Method):
     name = "do"
+    summary = ("DO: stages many -> medium -> few with group-preferred sampling and a compensation loss, Taylor-guided "
+               "decoupling freezes each stage's important weights, sub-models aggregated at test time")
     Options = DecoupledOptions
 
     def __init__(self, options: DecoupledOptions):

@@ -248,6 +248,8 @@ class MoreRebalancing(Method):
     """``method: more`` (see the module docstring)."""
 
     name = "more"
+    summary = ("MORE: a low-rank tail branch W = W_g + BA trained with a prior-weighted discrepancy loss on a sine "
+               "schedule, merged into a plain model at the end")
     Options = MoreOptions
 
     def __init__(self, options: MoreOptions):

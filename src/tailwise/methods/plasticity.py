@@ -92,6 +92,8 @@ def _summary(s: torch.Tensor) -> dict:
 @register_method
 class Plasticity(Method):
     name = "plasticity"
+    summary = ("neuron growth and removal: every every_epochs epochs duplicate the top-alpha channels of each layer by "
+               "class-reweighted gradient and remove the bottom alpha (widths unchanged)")
     Options = PlasticityOptions
 
     def __init__(self, options: PlasticityOptions):

@@ -329,6 +329,7 @@ class MagnitudePruning(StructuredPruning):
     """Global structured magnitude pruning: channel score = L2 norm of all its group members' weights."""
 
     name = "magnitude"
+    summary = "structured pruning baseline: channel score = L2 norm of its group's weights"
 
     def scores(self, ctx, epoch, val):
         return self.normalized([s.sqrt() for s in per_channel_sums(self.groups, ctx.model, lambda t: t * t)])
@@ -340,6 +341,7 @@ class TaylorPruning(StructuredPruning):
     ``|<w_c, g_c>|`` over all its group members' weights (the loss change when the channel is removed)."""
 
     name = "taylor"
+    summary = "structured pruning baseline: first-order Taylor score |<w, g>| summed over the scoring window"
     wants_gradients = True
     window: list[torch.Tensor] | None = None  # per-group |<w, g>| sums of the current scoring window
 
@@ -369,6 +371,7 @@ class RandomPruning(StructuredPruning):
     """Random structured pruning (uniform scores from the run seed): the floor any criterion must beat."""
 
     name = "random"
+    summary = "structured pruning baseline: uniform random channel scores (the floor any criterion must beat)"
 
     def scores(self, ctx, epoch, val):
         return [torch.rand(g.size, generator=self.generator, dtype=torch.float64) for g in self.groups]

@@ -93,6 +93,8 @@ class LTAPPruning(StructuredPruning):
     """LTAP: multi-criteria structured pruning with LT-Vote criterion weights (module docstring)."""
 
     name = "ltap"
+    summary = ("LTAP: multi-stage structured pruning, five criteria mixed with weights set by LT-Vote from per-class "
+               "validation accuracy")
     Options = LTAPOptions
 
     def __init__(self, options: LTAPOptions):

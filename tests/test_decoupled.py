@@ -280,6 +280,10 @@ def test_deployed_ensemble_reproduces_the_reported_accuracy(tmp_path, aggregatio
     from tailwise.errors import TailwiseError
     from tailwise.export import export_onnx
 
+    final = result["method"]["final"]  # Table 9's weights whatever the run's aggregation
+    instance = final["test_time"] if aggregation == "instance" else final["instance_test_time"]
+    assert instance["aggregation"] == "instance" and set(instance["mean_lambda_per_group"]) == {"many", "medium", "few"}
+    assert ("instance_test_time" in final) == (aggregation != "instance")
     if aggregation == "group":
         lam = result["method"]["final"]["group_lambda"]
         assert len(lam) == 3 and sum(lam) == pytest.approx(1.0, abs=1e-5)

@@ -63,7 +63,9 @@ medium-top -> medium-low -> few, the medium classes split at their median traini
    network stands in for the sub-model of the running stage. ``finalize`` measures the prediction cost per test
    image and, for ``instance``, the mean ``lambda_t`` per class group of the true label (Table 9):
    ``describe()["final"]["test_time"]``; with ``compare_aggregations`` (default) also the test accuracy of the
-   same sub-models under each aggregation, ``describe()["final"]["test_by_aggregation"]`` (Table 8's Agg rows).
+   same sub-models under each aggregation, ``describe()["final"]["test_by_aggregation"]`` (Table 8's Agg rows),
+   and, when the run's own aggregation is not ``instance``, that report for ``instance`` (Table 9's weights and its
+   cost): ``describe()["final"]["instance_test_time"]``.
 
 ``finalize`` returns a :class:`~tailwise.models.ensemble.SubModelEnsemble` of all ``T`` sub-models with the run's
 aggregation: ``model/`` holds every sub-model, ``tailwise eval`` and ``tailwise.load_model`` give the aggregated
@@ -660,19 +662,22 @@ class Decoupled(Method):
         finally:
             self._mode = None
 
-    def _compare_aggregations(self, ctx) -> dict:
-        """Test accuracy of the same sub-models under every aggregation (group weights learned if needed)."""
+    def _compare_aggregations(self, ctx) -> tuple[dict, dict]:
+        """Test accuracy of the same sub-models under every aggregation (group weights learned if needed), and
+        the ``instance`` aggregation's report (Table 9's weights, its cost), whatever the run's aggregation."""
         chosen, learned = self.options.aggregation, self.group_lambda
-        out = {}
+        out, instance = {}, {}
         try:
             for mode in AGGREGATIONS:
                 self.options.aggregation = mode
                 if mode == "group" and self.group_lambda is None:
                     self.group_lambda = torch.tensor(self.learn_group_weights(ctx, "test"))
                 out[mode] = self._summary(ctx.evaluate("test"))
+                if mode == "instance":
+                    instance = self.aggregation_report(ctx, "test")
         finally:
             self.options.aggregation, self.group_lambda = chosen, learned
-        return out
+        return out, instance
 
     def finalize(self, ctx) -> nn.Module:
         """The deployable :class:`SubModelEnsemble` of all sub-models with this run's aggregation (group
@@ -685,7 +690,9 @@ class Decoupled(Method):
         if self.group_lambda is not None:
             self.final["group_lambda"] = self.group_lambda.tolist()
         if self.options.compare_aggregations:
-            self.final["test_by_aggregation"] = self._compare_aggregations(ctx)
+            self.final["test_by_aggregation"], instance = self._compare_aggregations(ctx)
+            if self.options.aggregation != "instance":
+                self.final["instance_test_time"] = instance  # Table 9 for every run
         members = []
         for t in range(len(self.submodels) + 1):
             member = copy.deepcopy(ctx.model).eval()

@@ -7,8 +7,11 @@ Rows: the baseline (one network) and the DO run's sub-model ensemble under every
 (SADE-style weights learned on the unlabelled test images) -- with many / medium / few / all test accuracy (the
 DO run's ``result.json`` has them all: ``method.final.test_by_aggregation``) and the measured prediction cost
 per image of each, timed here on the same test images with the deployed models (``model/``), so the ratios are
-comparable within one run of this script. A second table gives the per-stage validation accuracies (Table 7:
-after collaborative optimisation and after decoupling) and the instance weights per class group (Table 9).
+comparable within one run of this script; then every sub-model alone on the whole test split (Table 7's
+per-stage view). A second table gives the per-stage validation accuracies (after collaborative optimisation and
+after decoupling), a third the mean instance-level weight of each sub-model per class group of the true label
+(Table 9), computed here from the deployed sub-models whatever aggregation the run itself used, and a fourth
+the validation accuracy of instance-level test-time learning at several step sizes (the paper gives none).
 """
 from __future__ import annotations
 
@@ -28,17 +31,67 @@ LABELS = {"average": "average of the sub-models (paper: Ours wo TTL)",
           "group": "group-level weights learned on the unlabelled test set (SADE-style)"}
 
 
-def test_images(run_dir: Path, n: int) -> torch.Tensor:
-    """The first ``n`` test images of ``run_dir``'s data, normalised as its model expects."""
+def eval_splits(run_dir: Path):
+    """The test and validation splits of ``run_dir``'s data as ``(images, labels)``, normalised as its model
+    expects (validation ``None`` without one), and the data's shot groups."""
     from tailwise.config import config_from_dict, load_recipe
     from tailwise.data.dataset import build_data
     from tailwise.data.loader import BatchLoader
 
     cfg = config_from_dict(load_recipe(run_dir / "config.yaml"))
-    test = build_data(cfg.data, log=lambda msg: None).test
+    data = build_data(cfg.data, log=lambda msg: None)
     pre = json.loads((run_dir / "model" / "arch.json").read_text())["preprocess"]
-    loader = BatchLoader(test.images[:n], test.labels[:n], n, pre["mean"], pre["std"])
-    return next(iter(loader))[0]
+
+    def tensors(split):
+        batches = list(BatchLoader(split.images, split.labels, 500, pre["mean"], pre["std"]))
+        return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+    return tensors(data.test), tensors(data.val) if data.val is not None else None, data.groups
+
+
+@torch.no_grad()
+def members_and_weights(ensemble, x: torch.Tensor, y: torch.Tensor, groups, batch: int) -> tuple[list, dict]:
+    """Test accuracy of every sub-model alone (Table 7's per-stage rows) and, under instance-level test-time
+    learning, the mean weight lambda_t per class group of the true label (Table 9), over the whole test split."""
+    from tailwise.eval.metrics import summarize
+
+    preds = [[] for _ in ensemble.members]
+    lams = []
+    settings = dict(ensemble.settings)
+    ensemble.settings["aggregation"] = "instance"
+    try:
+        for i in range(0, len(x), batch):
+            xb = x[i:i + batch]
+            for t, member in enumerate(ensemble.members):
+                preds[t].append(member(xb).argmax(1))
+            lams.append(ensemble.forward_with_weights(xb)[1])
+    finally:
+        ensemble.settings = settings
+    alone = [summarize(torch.cat(p), y, groups) for p in preds]
+    lam = torch.cat(lams).double()
+    member = torch.tensor([groups.membership[int(c)] == g for g in ("many", "medium", "few") for c in y]).view(3, -1)
+    weights = {g: lam[m].mean(0).tolist() for g, m in zip(("many", "medium", "few"), member) if m.any()}
+    return alone, weights
+
+
+@torch.no_grad()
+def tta_strength(ensemble, x: torch.Tensor, y: torch.Tensor, groups, lrs=(1.0, 10.0, 100.0, 1000.0)) -> list[str]:
+    """Table rows: validation accuracy of instance-level test-time learning at each step size (the paper gives
+    no optimiser settings; the run's ``tta_steps`` kept), with the mean largest weight per image."""
+    from tailwise.eval.metrics import summarize
+
+    settings = dict(ensemble.settings)
+    rows = []
+    try:
+        for lr in lrs:
+            ensemble.settings.update(aggregation="instance", lr=lr)
+            out, lam = ensemble.forward_with_weights(x)
+            a = summarize(out.argmax(1), y, groups)
+            rows.append(f"| {lr:g} | {fmt(a['many'])} | {fmt(a['medium'])} | {fmt(a['few'])} | {fmt(a['all'])} | "
+                        f"{float(lam.max(1).values.mean()):.3f} |")
+    finally:
+        ensemble.settings = settings
+    return rows
 
 
 def ms_per_image(model: torch.nn.Module, x: torch.Tensor, batch: int, repeats: int = 2) -> float:
@@ -72,10 +125,14 @@ def main() -> None:
     base, do = (json.loads((d / "result.json").read_text()) for d in (base_dir, do_dir))
     final = do["method"].get("final", {})
     by_agg = final.get("test_by_aggregation") or {do["method"]["aggregation"]: do["accuracy"]}
-    x = test_images(do_dir, ns.images)
+    (x_all, y_all), val, groups = eval_splits(do_dir)
+    x = x_all[:ns.images]
     log(f"timing {len(x)} test images, {ns.threads} threads")
     dense = load_model(base_dir)
     ensemble = load_model(do_dir)
+    log(f"sub-models alone and instance weights on {len(x_all)} test images")
+    alone, lam = members_and_weights(ensemble, x_all, y_all, groups, ns.batch)
+    strength = tta_strength(ensemble, *val, groups) if val is not None else []
     cost = {"baseline": ms_per_image(dense, x, ns.batch)}
     members = ensemble.settings.get("group_lambda")
     for mode in AGGREGATIONS:
@@ -91,6 +148,11 @@ def main() -> None:
             f"| {base['loss']} ({base['method']['name']}, {base['epochs']} ep) | one network | {fmt(b['many'])} | "
             f"{fmt(b['medium'])} | {fmt(b['few'])} | **{fmt(b['all'])}** | {cost['baseline']:.3f} | 1.00 |"]
     n_members = len(ensemble.members)
+    for t, a in enumerate(alone):
+        what = ("the whole final network" if t == n_members - 1 else "frozen entries of stage 1" if t == 0
+                else f"frozen entries of stages 1-{t + 1}")
+        rows.append(f"| DO sub-model {t + 1} alone ({what}) | - | {fmt(a['many'])} | {fmt(a['medium'])} | "
+                    f"{fmt(a['few'])} | {fmt(a['all'])} | - | - |")
     for mode in AGGREGATIONS:
         a = by_agg.get(mode)
         if a is None:
@@ -104,14 +166,21 @@ def main() -> None:
         cpo, tpd = r.get("val_cpo") or {}, r.get("val_tpd") or {}
         stages.append(f"| {r['stage']} | {r['group']} | {fmt(r.get('gamma'))} | {fmt(cpo.get('all'))} | "
                       f"{fmt(tpd.get('all'))} |")
-    lam = final.get("test_time", {}).get("mean_lambda_per_group")
     lines = [*section_head(f"## {ns.section}", "benchmarks/do_benchmark.py", sys.argv[1:]), *([ns.intro, ""] if ns.intro else []),
              *machine_lines(ns.threads),
              f"- Runs: `{base_dir}` (baseline), `{do_dir}` (DO); timing: {len(x)} test images, batch {ns.batch}", "",
              *rows, "", *stages]
-    if lam:
-        lines += ["", "Mean instance weight per class group of the true label (Table 9; sub-models in stage order): "
-                  + "; ".join(f"{g}: {', '.join(f'{v:.3f}' for v in vals)}" for g, vals in lam.items())]
+    lines += ["", "Mean instance-level weight lambda_t per class group of the true label (Table 9), over the whole test "
+              "split, computed here from the deployed sub-models:", "",
+              "| Group | " + " | ".join(f"lambda_{t + 1}" for t in range(n_members)) + " |",
+              "|---|" + "---:|" * n_members,
+              *(f"| {g} | " + " | ".join(f"{v:.3f}" for v in vals) + " |" for g, vals in lam.items())]
+    if strength:
+        lines += ["", f"Instance-level test-time learning at other step sizes (`method.tta_lr`; the run used "
+                  f"{ensemble.settings['lr']:g} with {ensemble.settings['steps']} steps), on the validation split "
+                  f"({len(val[1])} images):", "",
+                  "| tta_lr | Many | Medium | Few | All | Mean largest weight per image |",
+                  "|---:|---:|---:|---:|---:|---:|", *strength]
     section = "\n".join(lines) + "\n"
     publish(section, ns.write_docs)
 

@@ -79,6 +79,15 @@ def publish(section: str, write_docs: bool) -> None:
         log(f"wrote the section to {DOCS}")
 
 
+def add_intro_option(ap) -> None:
+    """``--intro TEXT`` or ``--intro @FILE``: the text under a section's heading; a file keeps the command that
+    the section records short."""
+    def read(value: str) -> str:
+        return Path(value[1:]).read_text().strip() if value.startswith("@") else value
+
+    ap.add_argument("--intro", default="", type=read, help="text under the heading, or @FILE to read it from a file")
+
+
 def fmt(value: float | None) -> str:
     """An accuracy cell: two decimals, ``-`` when missing."""
     return "-" if value is None else f"{value:.2f}"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from common import fmt, log, machine_lines, publish, section_head
+from common import add_intro_option, fmt, log, machine_lines, publish, section_head
 
 AGGREGATIONS = ("average", "instance", "group")
 LABELS = {"average": "average of the sub-models (paper: Ours wo TTL)",
@@ -115,7 +115,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=250)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--section", default="DO: ResNet-32, CIFAR-10-LT IR 100, 200 epochs")
-    ap.add_argument("--intro", default="")
+    add_intro_option(ap)
     ap.add_argument("--write-docs", action="store_true")
     ns = ap.parse_args()
     from tailwise import load_model

@@ -15,7 +15,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from common import publish
+from common import add_intro_option, publish
 
 from tailwise.eval.report import load_run, method_label
 
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     ap.add_argument("dense")
     ap.add_argument("pruned", nargs="+")
     ap.add_argument("--section", default="LTAP: ResNet-32, CIFAR-10-LT IR 100, Balanced Softmax, 200 epochs")
-    ap.add_argument("--intro", default="")
+    add_intro_option(ap)
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args(argv)
     dense = load_run(Path(args.dense))

@@ -1,7 +1,7 @@
 """A training-time method against the same recipe without it, from finished runs (plasticity, MORE).
 
     python benchmarks/method_benchmark.py --section "TITLE" BASE_RUN:METHOD_RUN [BASE_RUN:METHOD_RUN ...]
-        [--intro TEXT] [--write-docs]
+        [--intro TEXT | @FILE] [--write-docs]
 
 One row per run (each base run once, then its method runs): many / medium / few / all test accuracy of the last
 epoch, the change against its base run, parameters and MACs of the deployed model, and the median epoch wall time
@@ -25,7 +25,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from common import fmt, machine_lines, publish, section_head
+from common import add_intro_option, fmt, machine_lines, publish, section_head
 
 
 def load_run(path: Path) -> dict:
@@ -93,7 +93,7 @@ def main() -> None:
     ap.add_argument("pairs", nargs="+", metavar="BASE_RUN:METHOD_RUN")
     ap.add_argument("--section", required=True, help="the docs section's heading (without '## ')")
     ap.add_argument("--threads", type=int, default=2, help="torch threads the runs trained with (for the record)")
-    ap.add_argument("--intro", default="")
+    add_intro_option(ap)
     ap.add_argument("--write-docs", action="store_true")
     ns = ap.parse_args()
     pairs = []

@@ -12,7 +12,7 @@ import json
 import re
 from pathlib import Path
 
-from common import fmt, publish
+from common import add_intro_option, fmt, publish
 
 
 def row(run_dir: Path, label: str) -> str:
@@ -37,7 +37,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("runs", nargs="+", help="RUN_DIR or RUN_DIR=label")
     ap.add_argument("--section", required=True, help="the section heading (without ##)")
-    ap.add_argument("--intro", default="", help="text under the heading")
+    add_intro_option(ap)
     ap.add_argument("--published", nargs="*", default=[], help="'label=all' rows of published numbers")
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args()

@@ -11,7 +11,7 @@ reports a within-run measurement that does not:
 
 - ``plasticity``: the median time of the scoring epochs (those that end in a growth/removal event: the extra
   reweighted backward and the surgery) over the median of the other epochs of the same run, and per event the
-  channels duplicated / removed;
+  channels duplicated / removed and the validation accuracy before the surgery and one epoch after it;
 - ``more``: the method's own step timing (steps with the general-only pass over steps with the base loss only, on
   the same reparametrised model), the low-rank parameter count and the merge check of the deployed model.
 
@@ -42,7 +42,9 @@ def load_run(path: Path) -> dict:
 def method_label(result: dict) -> str:
     m = result["method"]
     if m["name"] == "plasticity":
-        return f"+ plasticity (E_mod {m['every_epochs']}, alpha {m['alpha']}, {m['scope']})"
+        events = m.get("event_epochs") or []
+        when = f", events after epochs {events[0]}..{events[-1]}" if events else ""
+        return f"+ plasticity (E_mod {m['every_epochs']}{when}, alpha {m['alpha']}, {m['scope']})"
     if m["name"] == "more":
         return f"+ MORE (A' {m['amplitude']:g}, {m['schedule']}, rank ratio {m['ratio']:g})"
     return "dense" if m["name"] == "none" else f"+ {m['name']}"
@@ -66,8 +68,15 @@ def within_run_lines(run: dict) -> list[str]:
             lines.append(f"- {label}: scoring epochs (reweighted ranking + surgery) median {a:.1f} s vs the other "
                          f"epochs {b:.1f} s: x{a / b:.2f} on {len(scoring)} of {len(scoring) + len(other)} epochs, "
                          f"i.e. x{(sum(scoring) + sum(other)) / (b * (len(scoring) + len(other))):.3f} over the run")
+        val_all = {r["epoch"]: r["val"]["all"] for r in run["records"] if r.get("val")}
+
+        def val_change(epoch: int) -> str:  # validation runs before the epoch's surgery
+            if epoch in val_all and epoch + 1 in val_all:
+                return f", val all {val_all[epoch]:.1f} -> {val_all[epoch + 1]:.1f} one epoch later"
+            return ""
+
         events = "; ".join(f"after epoch {e['epoch'] + 1}: {e['duplicated']} duplicated / {e['removed']} removed"
-                           for e in m.get("history", []))
+                           f"{val_change(e['epoch'])}" for e in m.get("history", []))
         lines.append(f"- {label}: events {events}; final parameters {result['cost']['params']:,} "
                      f"(dense {result['cost']['params_dense']:,})")
         return lines

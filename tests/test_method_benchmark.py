@@ -48,6 +48,9 @@ def test_table_rows_deltas_and_within_run_overhead(tmp_path):
     assert len(scoring) == 2 and len(other) == 1
     assert f"x{statistics.median(scoring) / statistics.median(other):.2f} on 2 of 3 epochs" in out.stdout
     assert out.stdout.count(" duplicated / ") == 2
+    assert "events after epochs 1..2" in next(k for k in rows if "plasticity" in k)
+    val = [r["val"]["all"] for r in records]  # before the surgery of epoch 1 -> one epoch later
+    assert "after epoch 1: " in out.stdout and f"val all {val[0]:.1f} -> {val[1]:.1f} one epoch later" in out.stdout
     ratio = more["method"]["overhead"]["ratio"]
     assert f"x{ratio:.2f} (" in out.stdout and "merge check" in out.stdout
     assert "`" + str(tmp_path / "unfinished") + "` (epoch 7 finished)" in out.stdout

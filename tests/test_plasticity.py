@@ -275,6 +275,13 @@ def test_end_to_end_keeps_widths_and_logs_events(tmp_path):
     assert len(saved["method"]["history"]) == 2
 
 
+def test_last_event_epoch_ends_the_schedule(tmp_path):
+    trainer = make(tmp_path, last_event_epoch=1)  # every epoch of 3 would end in an event; only the first does
+    result = trainer.fit()
+    assert ["plasticity" in r for r in trainer.metrics.records()] == [True, False, False]
+    assert result["method"]["event_epochs"] == [1] and len(result["method"]["history"]) == 1
+
+
 @pytest.mark.parametrize("options", [{"ranking": "l1"}, {"accumulate": "last_batch", "reweight": False}])
 def test_ablations_run(tmp_path, options):
     trainer = make(tmp_path, **options)
@@ -316,3 +323,6 @@ def test_config_validation():
         validate_method_config({"name": "plasticity", "alpha": 0.7})
     with pytest.raises(ConfigError, match="every_epochs"):
         validate_method_config({"name": "plasticity", "every_epochs": 5}, config_from_dict(tiny_config()))
+    with pytest.raises(ConfigError, match="no growth event before epoch 1"):
+        validate_method_config({"name": "plasticity", "every_epochs": 2, "last_event_epoch": 1},
+                               config_from_dict(tiny_config()))

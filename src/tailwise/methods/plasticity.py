@@ -1,7 +1,13 @@
 """Neuron growth and removal during training (``method: plasticity``; Sakai & Hotta 2025, arXiv 2507.09940).
 
 Every ``every_epochs`` epochs (E_mod; the paper: 30 on CIFAR, 20 on ImageNet-LT), at the end of the epoch,
-within every modifiable layer (a channel group of :func:`tailwise.compress.groups.channel_groups`):
+within every modifiable layer (a channel group of :func:`tailwise.compress.groups.channel_groups`), up to and
+including epoch ``last_event_epoch`` (1-based; default ``train.epochs - 1``, the paper's "throughout training":
+events after epochs E, 2E, ... while one epoch is left). The paper says nothing about where the events fall
+against the learning-rate schedule. With the LDAM-DRW CIFAR schedule (LR / 100 at epochs 160 and 180) and
+E_mod 30 the last event lands after epoch 180, when the LR drops to 1e-5 and the network can no longer adapt to
+the removal: measured on CIFAR-10-LT (``docs/benchmarks.md``, neuron growth section) the training loss doubles
+at that event and stays there. ``last_event_epoch: 150`` keeps every event in the base-LR phase.
 
 1. **Ranking.** Channel ``c`` scores ``s_c = sum_t sum_{k in in(c)} |dL_w/dW_k|_t``: the L1 magnitude of the
    gradient of its *incoming* weights (the output rows of the group's producer convs), accumulated over every
@@ -73,7 +79,7 @@ class PlasticityOptions:
     weight_scaling: bool = True
     bn_noise: float = bounded(0.05, 0.0)  # sigma of the copy's gamma/beta perturbation
     exempt: str = choice("copies", "pairs", "none", default="copies")  # from removal
-    last_event_epoch: int | None = None  # no event after this epoch (1-based); default train.epochs - 1
+    last_event_epoch: int | None = None  # no event after this epoch (1-based); None: train.epochs - 1
 
 
 def class_weights(counts, power: float) -> torch.Tensor:

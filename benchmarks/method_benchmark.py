@@ -65,9 +65,10 @@ def within_run_lines(run: dict) -> list[str]:
         lines = []
         if scoring and other:
             a, b = statistics.median(scoring), statistics.median(other)
+            n = len(scoring) + len(other)  # medians, not sums: an epoch slowed by other work is not the method's
             lines.append(f"- {label}: scoring epochs (reweighted ranking + surgery) median {a:.1f} s vs the other "
-                         f"epochs {b:.1f} s: x{a / b:.2f} on {len(scoring)} of {len(scoring) + len(other)} epochs, "
-                         f"i.e. x{(sum(scoring) + sum(other)) / (b * (len(scoring) + len(other))):.3f} over the run")
+                         f"epochs {b:.1f} s: x{a / b:.2f} on {len(scoring)} of {n} epochs, "
+                         f"i.e. x{1 + (a / b - 1) * len(scoring) / n:.3f} over the run")
         val_all = {r["epoch"]: r["val"]["all"] for r in run["records"] if r.get("val")}
 
         def val_change(epoch: int) -> str:  # validation runs before the epoch's surgery

@@ -83,6 +83,11 @@ class PlasticityOptions:
     last_event_epoch: int | None = None  # no event after this epoch (1-based); None: train.epochs - 1
 
 
+def last_event(o: PlasticityOptions, cfg) -> int:
+    """The last epoch (1-based) that may end in an event: ``last_event_epoch``, or ``train.epochs - 1``."""
+    return o.last_event_epoch if o.last_event_epoch is not None else cfg.train.epochs - 1
+
+
 def class_weights(counts, power: float) -> torch.Tensor:
     """``w_c ∝ n_c^-power`` normalised to mean 1 (float64)."""
     n = torch.as_tensor(list(counts), dtype=torch.float64)
@@ -113,7 +118,7 @@ class Plasticity(Method):
 
     @classmethod
     def check_options(cls, o: PlasticityOptions, cfg) -> None:
-        last = o.last_event_epoch if o.last_event_epoch is not None else cfg.train.epochs - 1
+        last = last_event(o, cfg)
         if o.every_epochs > last:
             raise ConfigError(f"method.every_epochs ({o.every_epochs}) leaves no growth event before epoch {last} "
                               f"(train.epochs {cfg.train.epochs}); lower method.every_epochs")
@@ -126,7 +131,7 @@ class Plasticity(Method):
         if not self.groups:
             raise TrainingError(f"method plasticity: the model has no {o.scope} channel groups to modify; "
                                 "try method.scope=all")
-        self.last_event = o.last_event_epoch if o.last_event_epoch is not None else ctx.cfg.train.epochs - 1
+        self.last_event = last_event(o, ctx.cfg)
         self.weights = class_weights(ctx.data.class_counts, o.reweight_power if o.reweight else 0.0)
         self.generator = torch.Generator().manual_seed(ctx.cfg.run.seed + 11)
         self.recent = [torch.zeros(0, dtype=torch.long) for _ in self.groups]

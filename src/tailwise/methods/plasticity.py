@@ -8,7 +8,7 @@ against the learning-rate schedule. With the LDAM-DRW CIFAR schedule (LR / 100 a
 E_mod 30 the last event lands after epoch 180, when the LR drops to 1e-5 and the network can no longer adapt to
 the removal: measured on CIFAR-10-LT (``docs/benchmarks.md``, neuron growth section) the training loss doubles
 at that event and stays there (Balanced Softmax: 68.54% against 72.44% without the method).
-``last_event_epoch: 150`` keeps every event in the base-LR phase (same run: 72.30%).
+``last_event_epoch: 150`` keeps every event in the base-LR phase (the same recipe otherwise: 72.30%).
 
 1. **Ranking.** Channel ``c`` scores ``s_c = sum_t sum_{k in in(c)} |dL_w/dW_k|_t``: the L1 magnitude of the
    gradient of its *incoming* weights (the output rows of the group's producer convs), accumulated over every

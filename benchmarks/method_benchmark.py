@@ -94,6 +94,11 @@ def within_run_lines(run: dict) -> list[str]:
                          f"{1000 * o['step_s_without_more']:.1f} ms per step")
         lines.append(f"- {label}: {m['layers_reparametrised']} layers reparametrised, {m['lowrank_params']:,} low-rank "
                      f"parameters during training; merge check {json.dumps(check)}")
+        if m.get("branch"):
+            b = m["branch"]
+            lines.append(f"- {label}: trained branch ||BA||/||W_g|| median {b['weight_ratio_median']:.2e}, max "
+                         f"{b['weight_ratio_max']:.2e} (`{b['weight_ratio_max_layer']}`); share of the logits "
+                         f"{b['logit_share']:.2e} on {b['samples']} test images")
         return lines
     return []
 

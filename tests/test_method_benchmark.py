@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -54,6 +55,20 @@ def test_table_rows_deltas_and_within_run_overhead(tmp_path):
     assert "after epoch 1: " in out.stdout and f"val all {val[0]:.1f} -> {val[1]:.1f} one epoch later" in out.stdout
     ratio = more["method"]["overhead"]["ratio"]
     assert f"x{ratio:.2f} (" in out.stdout and "merge check" in out.stdout
+    branch = more["method"]["branch"]
+    assert f"share of the logits {branch['logit_share']:.2e} on 32 test images" in out.stdout
+    # more_branch.py rebuilds the run from its config and last checkpoint: the same branch as the run recorded
+    rebuilt = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "more_branch.py"), str(tmp_path / "more")],
+                             capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    row = next(line for line in rebuilt.stdout.splitlines() if line.startswith("| `more`"))
+    assert (f"| 3 | {branch['weight_ratio_median']:.2e} | {branch['weight_ratio_max']:.2e} "
+            f"(`{branch['weight_ratio_max_layer']}`) | {branch['logit_share']:.2e} (32 test images) |") in row
+    refused = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "more_branch.py"), str(tmp_path / "more"),
+                              str(tmp_path / "plastic")], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert refused.returncode == 2 and "not a MORE run" in refused.stderr and refused.stdout == ""
     assert "`" + str(tmp_path / "unfinished") + "` (epoch 7 finished)" in out.stdout
 
 

@@ -16,8 +16,9 @@ from tailwise.deploy import load_model
 from tailwise.engine.trainer import Interrupted, Trainer, prepare_run_dir
 from tailwise.errors import ConfigError
 from tailwise.losses import build_loss
-from tailwise.methods.more import (MergeError, MoreOptions, MoreRebalancing, check_merge, discrepancy, general_only,
-                                   lowrank_layers, lowrank_rank, merge, more_loss, reparametrize, schedule_value)
+from tailwise.methods.more import (MergeError, MoreOptions, MoreRebalancing, branch_size, check_merge, discrepancy,
+                                   general_only, lowrank_layers, lowrank_rank, merge, more_loss, reparametrize,
+                                   schedule_value)
 from tailwise.models import build_model
 from tailwise.recipes import find_recipe
 
@@ -93,6 +94,33 @@ def test_merge_equivalence_and_cost(normed_head):
         merged.fc.weight.add_(0.01)
     with pytest.raises(MergeError, match="merge check failed"):
         check_merge(model, merged, [x])
+
+
+def test_branch_size_against_hand_values():
+    _, model = lowrank_model()
+    x = torch.randn(6, 3, 16, 16)
+    fresh = branch_size(model, x)  # B = 0: no branch
+    assert fresh["weight_ratio_max"] == 0.0 and fresh["logit_share"] == 0.0 and fresh["samples"] == 6
+    general = copy.deepcopy(model).eval()
+    with torch.no_grad():  # one entry of fc's B·A: 0.5 * 3 at (0, 0) -> ratio 1.5 / ||W_fc||
+        model.fc.more_A.zero_()
+        model.fc.more_A[0, 0] = 3.0
+        model.fc.more_B[0, 0] = 0.5
+        expected_ratio = 1.5 / float(model.fc.weight.norm())
+        model.train()
+        model(torch.randn(16, 3, 16, 16))  # moves the BN statistics: the logit share is measured in eval mode
+        general.load_state_dict(model.state_dict())
+        for _, m in lowrank_layers(general):
+            m.more_B.zero_()
+        z_full, z_gen = model.eval()(x), general(x)
+    model.train()
+    size = branch_size(model, x)
+    assert size["weight_ratio_max"] == pytest.approx(expected_ratio, rel=1e-5)
+    assert size["weight_ratio_max_layer"] == "fc"
+    assert size["weight_ratio_median"] == 0.0  # every other layer has B = 0
+    share = float((z_full - z_gen).norm(dim=1).mean() / z_full.norm(dim=1).mean())
+    assert share > 0 and size["logit_share"] == pytest.approx(share, rel=1e-5)
+    assert model.training  # the mode is restored
 
 
 def test_general_pass_leaves_bn_statistics_and_computes_base_weights():
@@ -271,6 +299,7 @@ def test_end_to_end_run_deploys_a_plain_dense_model(full_run):
     assert method["name"] == "more" and method["amplitude"] == 2.0 and method["amplitude_raw"] == 8.0
     assert method["merge_check"]["max_rel_diff"] <= 1e-5 and method["merge_check"]["samples"] == 8 + 32
     assert method["lowrank_params"] > 0 and method["layers_reparametrised"] == len(method["ranks"])
+    assert method["branch"]["weight_ratio_max"] > 0 and method["branch"]["logit_share"] > 0
     overhead = method["overhead"]
     assert overhead["steps_without"] == 4 and overhead["steps_with"] == 10  # epoch 0: alpha = 0 (step 0 untimed)
     assert overhead["ratio"] > 0

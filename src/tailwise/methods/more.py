@@ -44,6 +44,12 @@ Overhead. With ``measure_overhead`` (default on) the wall time of every training
 to the end of the optimizer step; CUDA synchronised) is accumulated separately for steps with the general pass and
 steps without it (``alpha = 0``: base loss only, same reparametrised model); ``describe()["overhead"]`` gives both
 means and their ratio, and ``metrics.jsonl`` the per-epoch step time and general-pass time.
+
+Branch size. ``finalize`` also records how large the trained tail component is (``describe()["branch"]``,
+:func:`branch_size`): per layer ``||B·A||_F / ||W_g||_F`` (median, max and the layer of the max) and, on the real
+test images of the merge check in eval mode, ``mean_i ||f(x_i; W_g + BA) - f(x_i; W_g)|| / mean_i ||f(x_i; W_g +
+BA)||``, the branch's share of the logits. Near zero means the discrepancy term (and weight decay, which applies to
+``B`` and ``A`` like every parameter) drove the branch out: the deployed model is then the general model.
 ``python -m tailwise.methods.more`` times dense / base-only / MORE steps of ResNet-32 on CIFAR-sized batches.
 """
 from __future__ import annotations
@@ -51,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -260,6 +267,7 @@ class MoreRebalancing(Method):
         self.prior: torch.Tensor | None = None
         self.total_steps = 0
         self.merge_check: dict | None = None
+        self.branch: dict | None = None
         self.epoch_acc = self._fresh_epoch()
         self.timing = {"with_s": 0.0, "with_n": 0, "without_s": 0.0, "without_n": 0, "general_s": 0.0}
         self._step_start: float | None = None
@@ -370,7 +378,9 @@ class MoreRebalancing(Method):
         mean = torch.tensor(ctx.trainer.mean).view(1, -1, 1, 1) * 255 if ctx.trainer is not None else 127.5
         std = torch.tensor(ctx.trainer.std).view(1, -1, 1, 1) * 255 if ctx.trainer is not None else 63.75
         inputs.append((real - mean) / std)
-        self.merge_check = check_merge(model, deployed, [x.to(ctx.device) for x in inputs], self.options.merge_tol)
+        inputs = [x.to(ctx.device) for x in inputs]
+        self.merge_check = check_merge(model, deployed, inputs, self.options.merge_tol)
+        self.branch = branch_size(model, inputs[-1])
         return deployed
 
     def overhead(self) -> dict:
@@ -391,7 +401,8 @@ class MoreRebalancing(Method):
                     "tau": "epoch index / train.epochs" if self.options.unit == "epoch" else "optimizer step / total steps",
                     "init": "B = 0, A ~ U(-1/sqrt(k), 1/sqrt(k))", "rank_rule": "max(1, round_half_up(ratio*min(m,k)))",
                     "layers_reparametrised": len(self.ranks), "lowrank_params": self.lowrank_params,
-                    "ranks": dict(self.ranks), "overhead": self.overhead(), "merge_check": self.merge_check})
+                    "ranks": dict(self.ranks), "overhead": self.overhead(), "merge_check": self.merge_check,
+                    "branch": self.branch})
         return out
 
     def state_dict(self) -> dict:
@@ -435,6 +446,29 @@ def check_merge(model: nn.Module, deployed: nn.Module, inputs: list[torch.Tensor
                          f"{worst_rel:.3g} (relative; tolerance {tol:g}). The weights were not deployed; report this "
                          "as a bug, or raise method.merge_tol if the run used reduced precision")
     return report
+
+
+@torch.no_grad()
+def branch_size(model: nn.Module, x: torch.Tensor) -> dict:
+    """How much the low-rank tail component contributes: per layer ``||B·A||_F / ||W_g||_F`` (median, max, and
+    the layer of the max) and, in eval mode on ``x``, ``mean_i ||z_full_i - z_gen_i|| / mean_i ||z_full_i||``."""
+    ratios = {name: float(m.more_delta().norm() / m.weight.norm().clamp_min(1e-12))
+              for name, m in lowrank_layers(model)}
+    largest = max(ratios, key=ratios.get)
+    was = model.training
+    model.eval()
+    try:
+        z_full = model(x).float()
+        with general_only(model):
+            z_gen = model(x).float()
+    finally:
+        model.train(was)
+    logit_share = float((z_full - z_gen).norm(dim=1).mean() / z_full.norm(dim=1).mean().clamp_min(1e-12))
+    return {"weight_ratio_median": round(statistics.median(ratios.values()), 8),
+            "weight_ratio_max": round(ratios[largest], 8),
+            "weight_ratio_max_layer": largest, "logit_share": round(logit_share, 8), "samples": len(x),
+            "note": "||B A||_F / ||W_g||_F per layer; logit_share = mean ||z_full - z_gen|| / mean ||z_full|| "
+                    "on real test images, eval mode"}
 
 
 # ---------------------------------------------------------------------------------------------- overhead bench

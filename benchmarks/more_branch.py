@@ -41,9 +41,8 @@ def branch_of(run: Path, cfg) -> dict:
         trainer = Trainer(cfg, tmp, log=lambda msg: None)
         trainer.ctx.model.load_state_dict(state["model"])
         trainer.mean, trainer.std = state["normalization"]["mean"], state["normalization"]["std"]
-        method = trainer.method
-        method.finalize(trainer.ctx)
-    return {"epoch": state["epoch"], "branch": method.branch, "merge_check": method.merge_check}
+        trainer.method.finalize(trainer.ctx)  # merge, merge check (MergeError if it fails), branch size
+    return {"epoch": state["epoch"], "branch": trainer.method.branch}
 
 
 def main() -> None:

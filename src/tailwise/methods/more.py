@@ -44,13 +44,13 @@ Overhead. With ``measure_overhead`` (default on) the wall time of every training
 to the end of the optimizer step; CUDA synchronised) is accumulated separately for steps with the general pass and
 steps without it (``alpha = 0``: base loss only, same reparametrised model); ``describe()["overhead"]`` gives both
 means and their ratio, and ``metrics.jsonl`` the per-epoch step time and general-pass time.
+``python -m tailwise.methods.more`` times dense / base-only / MORE steps of ResNet-32 on CIFAR-sized batches.
 
 Branch size. ``finalize`` also records how large the trained tail component is (``describe()["branch"]``,
 :func:`branch_size`): per layer ``||B·A||_F / ||W_g||_F`` (median, max and the layer of the max) and, on the real
 test images of the merge check in eval mode, ``mean_i ||f(x_i; W_g + BA) - f(x_i; W_g)|| / mean_i ||f(x_i; W_g +
 BA)||``, the branch's share of the logits. Near zero means the discrepancy term (and weight decay, which applies to
 ``B`` and ``A`` like every parameter) drove the branch out: the deployed model is then the general model.
-``python -m tailwise.methods.more`` times dense / base-only / MORE steps of ResNet-32 on CIFAR-sized batches.
 """
 from __future__ import annotations
 

@@ -124,14 +124,14 @@ def run(args) -> dict:
         lr = trainer.schedule(0)
         hand = HandLoop(data.train.images, data.train.labels, data.num_classes, trainer.mean, trainer.std,
                         cfg.run.seed, t.batch_size, lr, t.momentum, t.weight_decay, t.nesterov)
-        init_state = copy.deepcopy(trainer.model.state_dict())
+        init_state = copy.deepcopy(trainer.ctx.model.state_dict())
         probe, _ = hand.fresh_model()
         same_init = all(torch.equal(a, b) for a, b in zip(probe.state_dict().values(), init_state.values()))
         del probe
 
         def reset_trainer():
-            trainer.model.load_state_dict(init_state)
-            trainer.optimizer = trainer.ctx.optimizer = trainer.make_optimizer(trainer.model)
+            trainer.ctx.model.load_state_dict(init_state)
+            trainer.ctx.optimizer = trainer.make_optimizer(trainer.ctx.model)
             trainer.ctx.step = 0
             trainer.train_loader.load_state_dict({"epoch": 0, "position": 0, "aug_state": None})
 

@@ -8,10 +8,11 @@ Rows: the baseline (one network) and the DO run's sub-model ensemble under every
 DO run's ``result.json`` has them all: ``method.final.test_by_aggregation``) and the measured prediction cost
 per image of each, timed here on the same test images with the deployed models (``model/``), so the ratios are
 comparable within one run of this script; then every sub-model alone on the whole test split (Table 7's
-per-stage view). A second table gives the per-stage validation accuracies (after collaborative optimisation and
-after decoupling), a third the mean instance-level weight of each sub-model per class group of the true label
-(Table 9), computed here from the deployed sub-models whatever aggregation the run itself used, and a fourth
-the validation accuracy of instance-level test-time learning at several step sizes (the paper gives none).
+per-stage view). A second table gives the per-stage validation accuracies (after collaborative optimisation;
+the new sub-model with the retraining's BatchNorm statistics, and with recomputed ones), a third the mean
+instance-level weight of each sub-model per class group of the true label (Table 9), computed here from the
+deployed sub-models whatever aggregation the run itself used, and a fourth the validation accuracy of
+instance-level test-time learning at several step sizes (the paper gives none).
 """
 from __future__ import annotations
 
@@ -57,16 +58,12 @@ def members_and_weights(ensemble, x: torch.Tensor, y: torch.Tensor, groups, batc
 
     preds = [[] for _ in ensemble.members]
     lams = []
-    settings = dict(ensemble.settings)
-    ensemble.settings["aggregation"] = "instance"
-    try:
-        for i in range(0, len(x), batch):
-            xb = x[i:i + batch]
-            for t, member in enumerate(ensemble.members):
-                preds[t].append(member(xb).argmax(1))
-            lams.append(ensemble.forward_with_weights(xb)[1])
-    finally:
-        ensemble.settings = settings
+    instance = ensemble.with_aggregation("instance")
+    for i in range(0, len(x), batch):
+        xb = x[i:i + batch]
+        for t, member in enumerate(ensemble.members):
+            preds[t].append(member(xb).argmax(1))
+        lams.append(instance.forward_with_weights(xb)[1])
     alone = [summarize(torch.cat(p), y, groups) for p in preds]
     lam = torch.cat(lams).double()
     member = torch.tensor([groups.membership[int(c)] == g for g in ("many", "medium", "few") for c in y]).view(3, -1)
@@ -80,17 +77,27 @@ def tta_strength(ensemble, x: torch.Tensor, y: torch.Tensor, groups, lrs=(1.0, 1
     no optimiser settings; the run's ``tta_steps`` kept), with the mean largest weight per image."""
     from tailwise.eval.metrics import summarize
 
-    settings = dict(ensemble.settings)
     rows = []
-    try:
-        for lr in lrs:
-            ensemble.settings.update(aggregation="instance", lr=lr)
-            out, lam = ensemble.forward_with_weights(x)
-            a = summarize(out.argmax(1), y, groups)
-            rows.append(f"| {lr:g} | {fmt(a['many'])} | {fmt(a['medium'])} | {fmt(a['few'])} | {fmt(a['all'])} | "
-                        f"{float(lam.max(1).values.mean()):.3f} |")
-    finally:
-        ensemble.settings = settings
+    for lr in lrs:
+        out, lam = ensemble.with_aggregation("instance", lr=lr).forward_with_weights(x)
+        a = summarize(out.argmax(1), y, groups)
+        rows.append(f"| {lr:g} | {fmt(a['many'])} | {fmt(a['medium'])} | {fmt(a['few'])} | {fmt(a['all'])} | "
+                    f"{float(lam.max(1).values.mean()):.3f} |")
+    return rows
+
+
+def stage_rows(method: dict) -> list[str]:
+    """Table rows of the per-stage validation accuracies in a DO run's ``result.json`` method record."""
+    rows = ["| Stage | Group | gamma | Val all after collaborative optimisation | New sub-model, the retraining's "
+            "BN statistics | New sub-model, recomputed BN statistics: all (many / medium / few) |",
+            "|---:|---|---:|---:|---:|---:|"]
+    for r in method.get("stages_table", []):
+        cpo, stale, tpd = (r.get(k) or {} for k in ("val_cpo", "val_tpd_stale", "val_tpd"))
+        if "val_tpd_stale" not in r:  # a run from before issue #22: its sub-models kept the retraining's statistics
+            stale, tpd = tpd, {}
+        rows.append(f"| {r['stage']} | {r['group']} | {fmt(r.get('gamma'))} | {fmt(cpo.get('all'))} | "
+                    f"{fmt(stale.get('all'))} | {fmt(tpd.get('all'))} ({fmt(tpd.get('many'))} / "
+                    f"{fmt(tpd.get('medium'))} / {fmt(tpd.get('few'))}) |")
     return rows
 
 
@@ -134,12 +141,10 @@ def main() -> None:
     alone, lam = members_and_weights(ensemble, x_all, y_all, groups, ns.batch)
     strength = tta_strength(ensemble, *val, groups) if val is not None else []
     cost = {"baseline": ms_per_image(dense, x, ns.batch)}
-    members = ensemble.settings.get("group_lambda")
+    # group weights' values do not change the cost: uniform ones when the run did not learn them
+    lam_group = ensemble.settings.get("group_lambda") or [1.0 / len(ensemble.members)] * len(ensemble.members)
     for mode in AGGREGATIONS:
-        ensemble.settings["aggregation"] = mode
-        # group weights' values do not change the cost: uniform ones when the run did not learn them
-        ensemble.settings["group_lambda"] = members or [1.0 / len(ensemble.members)] * len(ensemble.members)
-        cost[mode] = ms_per_image(ensemble, x, ns.batch)
+        cost[mode] = ms_per_image(ensemble.with_aggregation(mode, group_lambda=lam_group), x, ns.batch)
         log(f"{mode}: {cost[mode]:.3f} ms / image")
 
     b = base["accuracy"]
@@ -160,12 +165,7 @@ def main() -> None:
         rows.append(f"| DO ({n_members} sub-models, {do['epochs']} ep) | {LABELS[mode]} | {fmt(a['many'])} | "
                     f"{fmt(a['medium'])} | {fmt(a['few'])} | **{fmt(a['all'])}** | {cost[mode]:.3f} | "
                     f"{cost[mode] / cost['baseline']:.2f} |")
-    stages = ["| Stage | Group | gamma | Val all after collaborative optimisation | Val all after decoupling |",
-              "|---:|---|---:|---:|---:|"]
-    for r in do["method"].get("stages_table", []):
-        cpo, tpd = r.get("val_cpo") or {}, r.get("val_tpd") or {}
-        stages.append(f"| {r['stage']} | {r['group']} | {fmt(r.get('gamma'))} | {fmt(cpo.get('all'))} | "
-                      f"{fmt(tpd.get('all'))} |")
+    stages = stage_rows(do["method"])
     lines = [*section_head(f"## {ns.section}", "benchmarks/do_benchmark.py", sys.argv[1:]), *([ns.intro, ""] if ns.intro else []),
              *machine_lines(ns.threads),
              f"- Runs: `{base_dir}` (baseline), `{do_dir}` (DO); timing: {len(x)} test images, batch {ns.batch}", "",

@@ -3,7 +3,8 @@
     python benchmarks/ltap_benchmark.py DENSE_RUN PRUNED_RUN... [--write-docs]
 
 Columns: F(%) (deployed MACs / dense MACs), Head / Medium / Tail / All (test, last epoch), C(%) = 100 x All / All(dense),
-C/F, the parameters kept, the best-on-validation epoch's test accuracy, LT-Vote's final criterion weights, and the
+C/F, the parameters kept, the best-on-validation epoch's test accuracy, the criterion weights α the last stage's mix
+used (for the trial and paper votes), and the
 median epoch time of the dense run, of the masked pruning phase and of the fine-tuning on the shrunk model (the
 time columns are from the runs' own metrics.jsonl, all on this machine, so compare them as ratios).
 Unfinished runs are listed with their progress.
@@ -40,8 +41,8 @@ def row(run, dense, stage_end: int, epochs: int) -> str:
     best = r.get("best_on_val")
     best_txt = f"{best['accuracy']['all']:.2f} (ep {best['epoch'] + 1})" if best else ""
     m = r["method"]
-    alpha = (m.get("ltap") or {}).get("alpha_final") or {}
-    alpha_txt = " ".join(f"{SHORT[k]} {v:.2f}" for k, v in alpha.items()) if m.get("vote") == "adaptive" else \
+    alpha = (m.get("history") or [{}])[-1].get("alpha") or {}  # the weights the last stage's mix used
+    alpha_txt = " ".join(f"{SHORT[k]} {v:.2f}" for k, v in alpha.items()) if m.get("vote") in ("trial", "paper", "adaptive") else \
         ("uniform" if m.get("vote") == "uniform" else "")
     start = m.get("start_epoch", 100) - 1
     times = (median_time(run.metrics, start, stage_end), median_time(run.metrics, stage_end, epochs))
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
     dense_time = median_time(dense.metrics, 100, epochs)
     lines = [f"## {args.section}", "", args.intro, "",
              "| Method | F(%) | Head | Medium | Tail | All | C(%) | C/F | Params kept (%) | All, best on val | "
-             "LT-Vote final α | s/epoch: pruning phase / shrunk fine-tuning |",
+             "α of the last stage's mix | s/epoch: pruning phase / shrunk fine-tuning |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
              f"| **BS** (dense baseline) | 100.0 | {dense.acc['many']:.2f} | {dense.acc['medium']:.2f} | "
              f"{dense.acc['few']:.2f} | **{dense.acc['all']:.2f}** | 100.0 | 1.00 | 100.0 | "

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from common import ROOT, publish
 
+from tailwise.errors import TailwiseError
 from tailwise.eval.report import build_report
 
 
@@ -26,7 +27,11 @@ def main(argv=None) -> int:
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args(argv)
     out = Path(args.out)
-    report = build_report(args.runs, out, warn=lambda msg: print(msg, file=sys.stderr))
+    try:
+        report = build_report(args.runs, out, warn=lambda msg: print(msg, file=sys.stderr))
+    except TailwiseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     check = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "check_report_html.py"), str(out),
                             "--screenshot", str(out / "report_screenshot.png")], capture_output=True, text=True)
     print(check.stdout + check.stderr, file=sys.stderr)
@@ -39,8 +44,10 @@ def main(argv=None) -> int:
              "and every image loaded, and takes the screenshot "
              f"([`{rel}/report_screenshot.png`]({rel}/report_screenshot.png)); browser check: "
              f"{'passed' if check.returncode == 0 else f'FAILED (exit {check.returncode})'}.", "",
-             "C and C/F are relative to the dense run of the same loss; F is the deployed model's MACs as a "
-             "percentage of the dense ResNet-32's.", "",
+             "C and C/F are relative to the dense run of the same loss and seed; F is the deployed model's MACs as a "
+             "percentage of the dense ResNet-32's. Runs that differ only in their seed share a row (mean ± sample "
+             "sd, n seeds); the paired differences below the table compare each row with its baseline seed by seed.",
+             "",
              (out / "table.md").read_text().strip(), ""]
     if report["warnings"]:
         lines += ["Not in the table (unfinished or unreadable):", ""] + [f"- {w}" for w in report["warnings"]] + [""]

@@ -1,7 +1,8 @@
 """How large is the tail component a MORE run trained? Rebuilds each run from its own ``config.yaml``, loads the
 weights of ``checkpoints/last.pt`` (the end of training) and runs the method's own ``finalize`` -- merge, merge
-check and :func:`tailwise.methods.more.branch_size` -- on the run's test images; nothing is written to the run.
-For runs that finished before ``describe()["branch"]`` existed.
+check and :func:`tailwise.methods.more.branch_size` (per layer, and per class group on up to 512 test images
+stratified by class) -- on the run's test images; nothing is written to the run. For runs that finished before
+``describe()["branch"]`` (or its per-group shares) existed.
 
     PYTHONPATH=src python benchmarks/more_branch.py benchmarks/runs/<more run> [...]
 """
@@ -39,8 +40,9 @@ def branch_of(run: Path, cfg) -> dict:
     state = load_checkpoint(run / "checkpoints" / "last.pt", "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, tmp, log=lambda msg: None)
+        trainer.method.load_state_dict(state["method"])  # a phase run (method.start_epoch > 0): reparametrise first
         trainer.ctx.model.load_state_dict(state["model"])
-        trainer.mean, trainer.std = state["normalization"]["mean"], state["normalization"]["std"]
+        trainer.train_loader.set_normalization(state["normalization"]["mean"], state["normalization"]["std"])
         trainer.method.finalize(trainer.ctx)  # merge, merge check (MergeError if it fails), branch size
     return {"epoch": state["epoch"], "branch": trainer.method.branch}
 
@@ -55,10 +57,13 @@ def main() -> None:
     for run, cfg in zip(args.runs, configs):
         out = branch_of(run, cfg)
         b = out["branch"]
+        groups = " | ".join(f"{b['logit_share_by_group'][g]:.2e}" for g in ("many", "medium", "few"))
         rows.append(f"| `{run.name}` | {out['epoch']} | {b['weight_ratio_median']:.2e} | {b['weight_ratio_max']:.2e} "
-                    f"(`{b['weight_ratio_max_layer']}`) | {b['logit_share']:.2e} ({b['samples']} test images) |")
-    print("| Run | Epochs | median ‖BA‖/‖W_g‖ | max ‖BA‖/‖W_g‖ (layer) | branch share of the logits |")
-    print("|---|---:|---:|---:|---:|")
+                    f"(`{b['weight_ratio_max_layer']}`) | {b['logit_share']:.2e} ({b['samples']} test images) | "
+                    f"{groups} |")
+    print("| Run | Epochs | median ‖BA‖/‖W_g‖ | max ‖BA‖/‖W_g‖ (layer) | branch share of the logits | many | medium "
+          "| few |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
 
 

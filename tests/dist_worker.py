@@ -15,7 +15,8 @@ import torch
 
 from tailwise.config import config_from_dict
 from tailwise.engine.dist import from_environment
-from tailwise.engine.trainer import Interrupted, Trainer, prepare_run_dir
+from tailwise.engine.rundir import prepare_run_dir
+from tailwise.engine.trainer import Interrupted, Trainer
 
 
 def forbid_writes(rank: int) -> None:
@@ -26,7 +27,7 @@ def forbid_writes(rank: int) -> None:
         raise RuntimeError(f"rank {rank} wrote a file")
 
     for name in ("save_checkpoint", "atomic_write_json", "atomic_write_text", "save_model", "write_branch_record",
-                 "copy_source_metrics", "prepare_run_dir"):
+                 "copy_source_metrics"):
         setattr(trainer, name, refuse)
     write = log.MetricsLog.write
     log.MetricsLog.write = lambda self, record: refuse() if self.enabled else write(self, record)

@@ -23,7 +23,7 @@ def test_overrides_parse_yaml_values():
     raw = apply_overrides({}, ["data.name=synthetic", "train.epochs=7", "train.milestones=[3, 5]", "data.imbalance_ratio=0.02",
                                "run.out=null", "train.amp=true"])
     cfg = config_from_dict(raw)
-    assert cfg.train.epochs == 7 and cfg.train.milestones == [3, 5] and cfg.train.amp is True
+    assert cfg.train.epochs == 7 and cfg.train.milestones == [3, 5] and cfg.train.precision == "auto" and cfg.train.amp is None
     assert cfg.data.imbalance_ratio == 0.02 and cfg.run.out is None
 
 

@@ -8,12 +8,16 @@ import torch
 from torch import nn
 
 from tailwise.config import config_from_dict
-from tailwise.engine.trainer import Interrupted, Trainer, prepare_run_dir
+from tailwise.engine.rundir import prepare_run_dir
+from tailwise.engine.trainer import Trainer
 from tailwise.errors import ConfigError
-from tailwise.methods.decoupled import (Decoupled, DecoupledOptions, Stage, compensation_loss, cubic_ratio,
-                                        reversed_frequency, select_pruned, stage_alpha, stage_epochs, stage_lr)
+from tailwise.methods.do import DOMethod
+from tailwise.methods.do.loss import compensation_loss, reversed_frequency, stage_alpha
+from tailwise.methods.do.masks import FreezeMasks, decoupled_parameters, select_pruned
+from tailwise.methods.do.plan import Stage, stage_epochs, stage_lr
+from tailwise.methods.do.schedule import cubic_ratio, knee
 
-from test_engine import stop_after, trainer_for
+from test_engine import trainer_for
 
 
 def do_config(epochs: int = 8, **method) -> dict:
@@ -93,7 +97,7 @@ def test_select_pruned_nested_and_scoped():
 def test_plan_sampler_and_config_checks(tmp_path):
     trainer = make(tmp_path, epochs=8)
     m = trainer.method
-    assert isinstance(m, Decoupled)
+    assert isinstance(m, DOMethod)
     groups = trainer.data.groups
     assert [s.name for s in m.stages] == ["many", "medium", "few"]
     assert [s.classes for s in m.stages] == [groups.indices(g) for g in ("many", "medium", "few")]
@@ -120,35 +124,25 @@ def test_plan_sampler_and_config_checks(tmp_path):
     assert [s.kind for s in swapped.method.stages] == ["many", "few", "medium"]
 
 
-class _Ctx:
-    def __init__(self, model, optimizer):
-        self.model, self.optimizer = model, optimizer
-
-
 def test_frozen_entries_bit_identical_through_sgd():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(3))
     model(torch.randn(2, 3, 6, 6))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-3)
-    method = Decoupled(DecoupledOptions())
-    from tailwise.methods.decoupled import decoupled_parameters
-
-    method.params = decoupled_parameters(model)
-    assert [n for n, _ in method.params] == ["0.weight", "0.bias", "3.weight", "3.bias"]
+    params = decoupled_parameters(model)
+    assert [n for n, _ in params] == ["0.weight", "0.bias", "3.weight", "3.bias"]
+    masks = FreezeMasks(params)
     gen = torch.Generator().manual_seed(1)
-    method.owner = [(torch.rand(p.shape, generator=gen) < 0.5).to(torch.int8) for _, p in method.params]
-    method.frozen_values = [p.detach() * (o != 0) for (_, p), o in zip(method.params, method.owner)]
-    method._masks()
-    before = [p.detach().clone() for _, p in method.params]
-    ctx = _Ctx(model, opt)
+    masks.freeze([torch.rand(p.shape, generator=gen) < 0.5 for _, p in params], stage=1)
+    before = [p.detach().clone() for _, p in params]
     x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 3, (8,))
     for _ in range(5):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
-        method.after_backward(ctx)
+        masks.mask_gradients()
         opt.step()
-        method.after_step(ctx)
-    for (name, p), b, o in zip(method.params, before, method.owner):
+        masks.enforce(opt)
+    for (name, p), b, o in zip(params, before, masks.owner):
         frozen = o != 0
         assert torch.equal(p.detach()[frozen], b[frozen]), name
         if (~frozen).any():
@@ -178,29 +172,12 @@ def test_end_to_end(full_run):
     # the frozen entries of stage 1 are the sub-model-1 entries, unchanged to the end
     sub1 = m.submodels[0]
     state = trainer.ctx.model.state_dict()
-    for i, (name, _) in enumerate(m.params):
-        frozen1 = m.owner[i] == 1
+    for i, (name, _) in enumerate(m.decoupler.params):
+        frozen1 = m.decoupler.masks.owner[i] == 1
         assert torch.equal(state[name][frozen1], sub1[name][frozen1]), name
-        assert bool((sub1[name][m.owner[i] == 0] == 0).all()), name
+        assert bool((sub1[name][m.decoupler.masks.owner[i] == 0] == 0).all()), name
     assert 0.0 <= result["accuracy"]["all"] <= 100.0
     assert trainer.train_loader.sampler.kind == "class_balanced"
-
-
-def test_resume_mid_stage_equals_uninterrupted(tmp_path, full_run):
-    full, full_result = full_run
-    first = make(tmp_path)
-    steps_per_epoch = len(first.train_loader)
-    stop = 5 * steps_per_epoch + 2  # mid-epoch 5: stage 2, after the first decoupling
-    stop_after(first, stop)
-    with pytest.raises(Interrupted):
-        first.fit()
-    resumed = Trainer(first.cfg, first.out, log=lambda msg: None)
-    resumed.resume()
-    assert resumed.method.stage == 1 and resumed.train_loader.sampler.kind == "group_preferred"
-    result = resumed.fit()
-    for key, value in full.ctx.model.state_dict().items():
-        assert torch.equal(value, resumed.ctx.model.state_dict()[key]), key
-    assert result["accuracy"] == full_result["accuracy"]
 
 
 def planted_views(y: torch.Tensor, k: int, t: int, planted: int, g: torch.Generator):
@@ -269,11 +246,11 @@ def test_deployed_ensemble_reproduces_the_reported_accuracy(tmp_path, aggregatio
     # three passes; instance-level aggregation also runs both views through every sub-model
     assert result["cost"]["F"] == (pytest.approx(300.0) if aggregation == "group" else pytest.approx(900.0, rel=0.01))
     # the members are the sub-models: sub-model 1 keeps only stage 1's entries of the decoupled tensors
-    names = [n for n, _ in trainer.method.params]
+    names = [n for n, _ in trainer.method.decoupler.params]
     sub1 = trainer.method.submodels[0]
     for key, value in model.members[0].state_dict().items():
         assert torch.equal(value.cpu(), sub1[key].cpu()), key
-    owner = dict(zip(names, trainer.method.owner))
+    owner = dict(zip(names, trainer.method.decoupler.masks.owner))
     for name in names:
         assert torch.equal(model.members[0].state_dict()[name] != 0, (sub1[name] != 0))
         assert not bool((sub1[name][owner[name].cpu() != 1] != 0).any())  # only stage 1's entries in sub-model 1
@@ -310,8 +287,6 @@ def test_instance_aggregation_end_to_end(tmp_path):
 
 
 def test_gamma_knee_and_sweep(tmp_path):
-    from tailwise.methods.decoupled import knee
-
     ratios = [i / 10 for i in range(10)]
     assert knee(ratios, [60, 60, 59.5, 59, 58.5, 58, 40, 30, 20, 10]) == 0.5  # the marked drop comes after 50%
     assert knee(ratios, [50.0] * 10) == 0.0
@@ -357,9 +332,9 @@ def test_importance_shared_out_by_whole_batches_adds_up_to_one_process(tmp_path)
     whole = method.importance(ctx)
     parts = []
     for rank in range(3):
-        trainer.dist = Part(rank=rank, world=3)
+        ctx.dist = Part(rank=rank, world=3)
         parts.append(method.importance(ctx))
-    trainer.dist = Dist()
+    ctx.dist = Dist()
     assert sum(bool(part[0].abs().sum() > 0) for part in parts) >= 2  # the batches really were shared out
     for i, w in enumerate(whole):
         assert torch.allclose(sum(part[i] for part in parts), w, rtol=1e-9, atol=1e-12)
@@ -371,3 +346,181 @@ def test_metrics_log_the_learning_rate_the_method_set(full_run):
     trainer, _ = full_run
     for record in trainer.metrics.records():
         assert record["lr"] == pytest.approx(record["do"]["lr"]), record["epoch"]
+
+
+# ------------------------------------------------------------------------------------- issue #22: the fixes
+def test_per_increment_schedule_by_hand():
+    from tailwise.methods.do.schedule import pruning_ratios
+
+    ratios = pruning_ratios(0.5, 10)  # the paper: Δt = 10 steps after every 10% increment
+    assert len(ratios) == 50 and len(pruning_ratios(0.8, 10)) == 80
+    assert [ratios[9], ratios[19], ratios[49]] == pytest.approx([0.1, 0.2, 0.5])
+    assert ratios[0] == pytest.approx(0.1 - 0.1 * 0.9 ** 3)  # Eq. 4 inside the first increment
+    assert ratios == sorted(ratios)
+    off_grid = pruning_ratios(0.55, 10)  # a partial last increment 0.5 -> 0.55
+    assert len(off_grid) == 60 and off_grid[-1] == pytest.approx(0.55) and off_grid[49] == pytest.approx(0.5)
+    spread = pruning_ratios(0.5, 10, "spread")  # the old schedule: 10 steps over the whole ramp
+    assert spread == [cubic_ratio(k, 10, 0.0, 0.5) for k in range(1, 11)]
+    assert pruning_ratios(0.5, 0) == [0.5]  # one shot
+
+
+@pytest.mark.parametrize("schedule, expected", [("per_increment", [15, 24]), ("spread", [3, 3])])
+def test_decoupling_takes_the_scheduled_training_steps(tmp_path, schedule, expected):
+    """prune_steps 3 (Δt) with γ 0.5 then 0.8: 5 x 3 and 8 x 3 training steps through the trainer's own step
+    (counted at the trainer), or 3 and 3 spread over each ramp; the loop's step counter counts its own batches."""
+    trainer = make(tmp_path, epochs=6, stage_epochs=[2, 2, 2], prune_schedule=schedule, bn_batches=1,
+                   compare_aggregations=False)
+    calls = []
+    step = trainer.ctx._train_step
+    trainer.ctx._train_step = lambda x, y: calls.append(trainer.ctx.epoch) or step(x, y)
+    result = trainer.fit()
+    assert [calls.count(1), calls.count(3)] == expected
+    assert [r["prune_steps"] for r in trainer.method.records] == expected
+    assert trainer.ctx.step == 6 * len(trainer.train_loader)
+    assert result["method"]["choices"]["prune_schedule"].startswith(schedule)
+
+
+def test_recomputed_batchnorm_matches_a_direct_computation():
+    from tailwise.methods.do.batchnorm import recompute_batchnorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.randn(2, 3, 6, 6))
+    model.eval()
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "tracked" not in k}
+    batches = [3.0 * torch.randn(8, 3, 6, 6) + i for i in range(3)]
+    assert recompute_batchnorm(model, batches) == 3
+    with torch.no_grad():
+        h = [model[0](x) for x in batches]
+    mean = sum(v.mean((0, 2, 3)) for v in h) / 3
+    var = sum(v.transpose(0, 1).flatten(1).var(1, unbiased=True) for v in h) / 3
+    assert torch.allclose(model[1].running_mean, mean, atol=1e-5)
+    assert torch.allclose(model[1].running_var, var, rtol=1e-5)
+    assert model[1].momentum == 0.1 and not model.training  # settings back as they were
+    for k, v in weights.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    before = model[1].running_mean.clone()
+    assert recompute_batchnorm(model, []) == 0 and torch.equal(model[1].running_mean, before)
+
+
+def test_submodel_statistics_are_those_of_the_stage_batches(full_run):
+    """Sub-model t's stored BatchNorm statistics are recomputed on one epoch of stage t's sampler under the
+    training augmentation: the first BatchNorm's equal a direct computation on those batches."""
+    import itertools
+
+    from tailwise.methods.do.adapter import BATCHNORM_KEY
+    from tailwise.methods.do.batches import stage_batches
+
+    trainer, result = full_run
+    m, ctx = trainer.method, trainer.ctx
+    for t, sub in enumerate(m.submodels):
+        batches = itertools.islice(stage_batches(ctx, m.sampler_for(ctx, t), BATCHNORM_KEY + t),
+                                   len(trainer.train_loader))
+        with torch.no_grad():
+            h = [nn.functional.conv2d(x, sub["conv1.weight"], padding=1) for x, _ in batches]
+        mean = sum(v.mean((0, 2, 3)) for v in h) / len(h)
+        var = sum(v.transpose(0, 1).flatten(1).var(1) for v in h) / len(h)
+        assert torch.allclose(sub["bn1.running_mean"], mean, atol=1e-5), t
+        assert torch.allclose(sub["bn1.running_var"], var, rtol=1e-4), t
+        assert not torch.equal(sub["bn1.running_mean"], trainer.ctx.model.state_dict()["bn1.running_mean"])
+    # logged per stage: after collaborative optimisation, the new sub-model before and after recomputing
+    records = [r["do"]["decoupling"] for r in trainer.metrics.records() if "decoupling" in r["do"]]
+    for r in records:
+        for key in ("val_cpo", "val_tpd_stale", "val_tpd"):
+            assert set(r[key]) == {"all", "many", "medium", "few", "balanced"}, key
+    assert [r["val_tpd"] for r in records] == [row["val_tpd"] for row in result["method"]["stages_table"]]
+    assert result["method"]["final"]["submodels_val"] == [r["val_tpd"] for r in records]
+
+
+def test_frozen_entries_bit_identical_across_stages_with_clipping(tmp_path):
+    """Every entry frozen at decoupling t keeps its value through every later stage and retraining step (the
+    trainer's step with gradient clipping), in the live network and in every later sub-model."""
+    raw = do_config(6, stage_epochs=[2, 2, 2], bn_batches=1, compare_aggregations=False)
+    raw["train"]["grad_clip"] = 0.5
+    trainer = trainer_for(raw, tmp_path / "clip")
+    trainer.fit()
+    m = trainer.method
+    final = trainer.ctx.model.state_dict()
+    for i, (name, _) in enumerate(m.decoupler.params):
+        owner = m.decoupler.masks.owner[i]
+        for t, sub in enumerate(m.submodels):
+            mine = owner == t + 1
+            assert bool(mine.any()), (name, t)
+            assert torch.equal(final[name][mine], sub[name][mine]), (name, t)
+            for later in m.submodels[t + 1:]:
+                assert torch.equal(later[name][mine], sub[name][mine]), (name, t)
+
+
+def test_classifier_exemption():
+    from tailwise.models import build_model
+
+    model = build_model("resnet20", 6)
+    names = lambda exempt: [n for n, _ in decoupled_parameters(model, exempt)]  # noqa: E731
+    assert "fc.weight" in names("none") and "fc.bias" in names("none")
+    assert "fc.weight" not in names("classifier") and "fc.bias" not in names("classifier")
+    assert "fc.weight" in names("classifier_bias") and "fc.bias" not in names("classifier_bias")
+    assert len(names("none")) == len(names("classifier")) + 2
+
+
+def test_exempt_classifier_is_whole_in_every_submodel(full_run):
+    trainer, result = full_run
+    assert result["method"]["exempt"] == "classifier"
+    assert "fc.weight" not in result["method"]["decoupled_tensors"]
+    for sub in trainer.method.submodels:
+        assert bool((sub["fc.weight"] != 0).all()) and bool((sub["fc.bias"] != 0).all())
+
+
+def test_predict_is_the_aggregation_of_submodels_and_live_network(full_run):
+    trainer, _ = full_run
+    m, ctx = trainer.method, trainer.ctx
+    x = trainer.train_loader.normalize(trainer.data.test.images[:8])
+    ctx.model.eval()
+    with torch.no_grad():
+        logits = [torch.func.functional_call(ctx.model, s, (x,)) for s in m.submodels] + [ctx.model(x)]
+        assert torch.allclose(m.predict(ctx, x), torch.stack(logits).mean(0), atol=1e-6)
+
+
+def test_few_stage_sampler_readings(tmp_path):
+    from tailwise.data.loader import Sampler
+
+    labels = torch.tensor([0] * 100 + [1] * 10)
+    share = lambda kind: float((labels[Sampler(labels, kind, 0).epoch_indices(0)] == 1).float().mean())  # noqa: E731
+    assert share("class_balanced") == pytest.approx(0.5, abs=0.1)  # per image: p ∝ 1/N_y, classes uniform
+    assert share("inverse") == pytest.approx((1 / 10) / (1 / 10 + 1 / 100), abs=0.06)  # per class: p(y) ∝ 1/N_y
+    per_class = make(tmp_path, few_sampler="per_class")
+    assert per_class.method.sampler_for(per_class.ctx, 2).kind == "inverse"
+
+
+def test_decoupler_standalone_in_a_plain_loop():
+    """The library object without a trainer: Taylor importance by hand, gradual pruning held at zero, freezing
+    that returns the sub-model and re-initialises the pruned entries from a fresh model."""
+    from tailwise.methods.do import Decoupler, pruning_ratios
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 3, bias=False))
+    batches = [(torch.randn(4, 5), torch.randint(0, 3, (4,))) for _ in range(2)]
+    decoupler = Decoupler(model)
+    scores = decoupler.importance(batches, nn.functional.cross_entropy)
+    w = model[0].weight.detach()
+    expected = sum((w * (((x @ w.T).softmax(1) - nn.functional.one_hot(y, 3)).T @ x / len(y))) ** 2
+                   for x, y in batches)  # dCE/dW = (softmax - onehot)^T x / B
+    assert torch.allclose(scores[0], expected.double(), rtol=1e-5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for ratio in pruning_ratios(0.4, 2):  # 4 increments x 2 steps
+        decoupler.prune(scores, ratio, opt)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(batches[0][0]), batches[0][1]).backward()
+        decoupler.after_backward()
+        opt.step()
+        decoupler.after_step(opt)
+        assert bool((model[0].weight[decoupler.masks.pruning[0]] == 0).all())
+    pruned = decoupler.masks.pruning[0].clone()
+    assert set(pruned.flatten().nonzero().flatten().tolist()) == set(scores[0].flatten().argsort()[:6].tolist())
+    before = model[0].weight.detach().clone()
+    fresh = nn.Sequential(nn.Linear(5, 3, bias=False))
+    sub = decoupler.freeze(fresh, opt)
+    assert torch.equal(sub["0.weight"][~pruned], before[~pruned]) and bool((sub["0.weight"][pruned] == 0).all())
+    assert torch.equal(model[0].weight.detach()[pruned], fresh[0].weight.detach()[pruned])
+    assert torch.equal(model[0].weight.detach()[~pruned], before[~pruned])
+    assert bool((opt.state[model[0].weight]["momentum_buffer"][pruned] == 0).all())
+    assert decoupler.decouplings == 1 and decoupler.masks.pruning is None

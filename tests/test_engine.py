@@ -10,8 +10,9 @@ import torch
 from tailwise.config import config_from_dict
 from tailwise.deploy import load_model
 from tailwise.engine.schedule import LRSchedule
-from tailwise.engine.trainer import Interrupted, Trainer, prepare_run_dir
-from tailwise.errors import TrainingError
+from tailwise.engine.rundir import prepare_run_dir
+from tailwise.engine.trainer import Interrupted, Trainer
+from tailwise.errors import ConfigError, TrainingError
 from tailwise.eval.evaluate import evaluate_run
 from tailwise.methods import Method
 
@@ -167,18 +168,34 @@ def test_rebuild_optimizer_keeps_surviving_state_and_carries_new(tmp_path):
     carried = {"momentum_buffer": ctx.optimizer.state[old_weight]["momentum_buffer"][:, :8].clone()}
     ctx.model.fc.weight = new_weight
     ctx.rebuild_optimizer({new_weight: carried})
-    assert trainer.optimizer is ctx.optimizer
     assert torch.equal(ctx.optimizer.state[fc_bias]["momentum_buffer"], kept_momentum)
     assert torch.equal(ctx.optimizer.state[new_weight]["momentum_buffer"], carried["momentum_buffer"])
     assert old_weight not in ctx.optimizer.state
     assert sum(len(g["params"]) for g in ctx.optimizer.param_groups) == len(list(ctx.model.parameters()))
 
 
-def test_amp_on_cpu_trains_with_bfloat16_autocast(tmp_path):
-    trainer = make_trainer(tmp_path, epochs=1, amp=True)
+def test_bf16_on_cpu_trains_with_bfloat16_autocast(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=1, precision="bf16")
     dtypes = []
     handle = trainer.ctx.model.conv1.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
     result = trainer.fit()
     handle.remove()
     assert torch.bfloat16 in dtypes  # the forward ran under autocast
     assert math.isfinite(trainer.metrics.records()[0]["train_loss"]) and result["accuracy"]["all"] is not None
+    assert result["precision"] == "bf16" and not trainer.scaler.is_enabled()  # loss scaling is fp16's alone
+
+
+def test_precision_auto_and_the_old_amp_key(tmp_path, monkeypatch):
+    from tailwise.engine import precision
+
+    assert config_from_dict(tiny_config(amp=True)).train.precision == "auto"
+    assert config_from_dict(tiny_config(amp=False)).train.precision == "fp32"
+    with pytest.raises(ConfigError, match="old name"):
+        config_from_dict(tiny_config(amp=True, precision="bf16"))
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    assert precision.resolve_precision("auto", cpu) == "fp32"
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    assert precision.resolve_precision("auto", cpu) == "bf16"
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        precision.resolve_precision("fp16", cpu)

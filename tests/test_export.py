@@ -11,7 +11,8 @@ import torch
 
 from tailwise.config import config_from_dict
 from tailwise.deploy import load_model
-from tailwise.engine.trainer import Trainer, prepare_run_dir
+from tailwise.engine.rundir import prepare_run_dir
+from tailwise.engine.trainer import Trainer
 from tailwise.export import export_onnx
 
 from test_engine import tiny_config

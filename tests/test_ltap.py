@@ -13,14 +13,15 @@ from torch import nn
 from tailwise.compress.groups import channel_groups
 from tailwise.config import config_from_dict, load_config
 from tailwise.deploy import load_model
-from tailwise.engine.trainer import Interrupted, Trainer, prepare_run_dir
+from tailwise.engine.rundir import prepare_run_dir
+from tailwise.engine.trainer import Trainer
 from tailwise.errors import ConfigError
 from tailwise.methods.ltap import (CRITERIA, PUBLIC_CODE_WEIGHTS, ChannelLayout, CriteriaAccumulator, LTVote,
                                    class_weights, mix, normalise)
 from tailwise.methods.pruning import per_channel_sums
 from tailwise.recipes import list_recipes
 
-from test_engine import stop_after, tiny_config, trainer_for
+from test_engine import tiny_config, trainer_for
 
 
 # ------------------------------------------------------------------------------------------------ criteria
@@ -323,13 +324,14 @@ def test_gain_increment_and_state_round_trip():
 # ------------------------------------------------------------------------------------------------- options
 def ltap_config(**method) -> dict:
     raw = tiny_config()
-    raw["method"] = {"name": "ltap", "start_epoch": 1, "stages": 2, "stage_interval": 1, "target_params": 0.5, **method}
+    raw["method"] = {"name": "ltap", "start_epoch": 1, "stages": 2, "stage_interval": 1, "target_params": 0.5,
+                     "normalize": "l2", **method}  # l2: the five criteria (group-mean, the default, has four)
     return raw
 
 
 def test_options_resolve_and_validate():
     cfg = config_from_dict(ltap_config())
-    assert cfg.method["vote"] == "adaptive" and cfg.method["second_order"] == "fisher" and cfg.method["tau"] == 0.5
+    assert cfg.method["vote"] == "trial" and cfg.method["second_order"] == "fisher" and cfg.method["tau"] == 0.5
     assert cfg.method["class_weights"] == "tail" and cfg.method["criteria"] == list(CRITERIA)
     raw = ltap_config(vote="public-code")
     del raw["method"]["stages"]
@@ -345,10 +347,11 @@ def test_options_resolve_and_validate():
                        ({"stages": 4}, "last pruning stage")):
         with pytest.raises(ConfigError, match=match):
             config_from_dict(ltap_config(**bad))
-    # the baseline default (30% of parameters kept) when no target is given
+    # LTAP's default when no target is given: 25% of the dense MACs (the paper's F), not the baselines' 30% params
     raw = ltap_config()
     del raw["method"]["target_params"]
-    assert config_from_dict(raw).method["target_params"] == 0.3
+    method = config_from_dict(raw).method
+    assert method["target_params"] is None and method["target_macs"] == 0.25
 
 
 def test_paper_defaults():
@@ -356,7 +359,8 @@ def test_paper_defaults():
 
     o = LTAPOptions()
     assert (o.start_epoch, o.stage_interval, o.tau) == (100, 10, 0.5)
-    assert (o.vote, o.class_weights, o.zeroing, o.normalize) == ("adaptive", "tail", "hard", "l2")
+    assert (o.vote, o.class_weights, o.zeroing, o.normalize) == ("trial", "tail", "hard", "group-mean")
+    assert (o.target_macs, o.target_params, o.round_to) == (0.25, None, 8)
     cfg = load_config("cifar100_lt_ir100_resnet32_bs_ltap", [])
     m = cfg.method
     assert (m["name"], m["start_epoch"], m["stages"], m["target_params"]) == ("ltap", 100, 5, 0.3)
@@ -373,7 +377,7 @@ def test_ltap_recipes_match_their_baselines(name):
     if name.endswith("_short"):
         for key in ("target_macs", "start_epoch", "stages", "stage_interval", "zeroing"):
             assert cfg.method[key] == base.method[key]
-        assert cfg.method["vote"] == ("uniform" if "uniform" in name else "adaptive")
+        assert cfg.method["vote"] == ("uniform" if "uniform" in name else "trial")
     assert len([n for n in list_recipes() if "ltap" in n]) == 14  # 2 datasets x 2 IRs x 3 losses + 2 short
 
 
@@ -387,7 +391,8 @@ def make(tmp_path, name="run", drop=(), **method) -> Trainer:
 
 @pytest.fixture(scope="module")
 def adaptive_run(tmp_path_factory):
-    trainer = make(tmp_path_factory.mktemp("ltap"))
+    """``vote: paper`` (the literal reading of eq. 6, formerly ``adaptive``)."""
+    trainer = make(tmp_path_factory.mktemp("ltap"), vote="paper")
     return trainer, trainer.fit()
 
 
@@ -410,7 +415,7 @@ def test_end_to_end_reaches_target_and_logs_alpha(adaptive_run):
         assert set(s["agreement"]) == set(CRITERIA) and all(0.0 <= v <= 1.0 for v in s["agreement"].values())
     assert on_disk[-1]["active_params"] == cost["params"]  # the compressed model is the masked one
     method = result["method"]
-    assert method["name"] == "ltap" and method["vote"] == "adaptive" and method["second_order"] == "fisher"
+    assert method["name"] == "ltap" and method["vote"] == "paper" and method["second_order"] == "fisher"
     ltap = method["ltap"]
     assert set(ltap["alpha_final"]) == set(CRITERIA) and ltap["vote_matrix"]["rounds"] == 2
     assert set(ltap["vote_matrix"]["votes_total"]) == set(CRITERIA) and len(ltap["rounds"]) == 2
@@ -439,29 +444,10 @@ def test_ablations_run(tmp_path, vote):
 
 def test_criteria_subset_without_gradients(tmp_path):
     trainer = make(tmp_path, criteria=["magnitude", "avg_magnitude"])
-    assert not trainer.method.wants_gradients
+    assert not trainer.method.pruner.wants_gradients
     result = trainer.fit()
     assert set(result["method"]["ltap"]["alpha_final"]) == {"magnitude", "avg_magnitude"}
     assert result["cost"]["params"] <= 0.5 * result["cost"]["params_dense"]
-
-
-@pytest.mark.parametrize("stop_step", [3, 8])  # mid scoring window of stage 1; after stage 1, mid window of stage 2
-def test_resume_across_a_stage_equals_uninterrupted(tmp_path, adaptive_run, stop_step):
-    full, full_result = adaptive_run
-    first = make(tmp_path)
-    stop_after(first, stop_step)
-    with pytest.raises(Interrupted):
-        first.fit()
-    resumed = Trainer(first.cfg, first.out, log=lambda msg: None)
-    resumed.resume()
-    if stop_step == 8:
-        assert resumed.method.history and resumed.method.accumulator.steps == 3 and resumed.method.vote.prev is not None
-    result = resumed.fit()
-    for key, value in full.ctx.model.state_dict().items():
-        assert torch.equal(value, resumed.ctx.model.state_dict()[key]), key
-    strip = lambda recs: [{k: v for k, v in r.items() if k != "time_s"} for r in recs]  # noqa: E731
-    assert strip(resumed.metrics.records()) == strip(full.metrics.records())
-    assert result["accuracy"] == full_result["accuracy"] and result["method"] == full_result["method"]
 
 
 def test_vote_cadence_and_scoring_window(tmp_path):
@@ -474,10 +460,241 @@ def test_vote_cadence_and_scoring_window(tmp_path):
         prepare_run_dir(cfg, tmp_path / name)
         return Trainer(cfg, tmp_path / name, log=lambda msg: None).method
 
-    stage = built("a", 5, start_epoch=1, stage_interval=2)
+    stage = built("a", 5, start_epoch=1, stage_interval=2, vote="paper")
     assert stage.stage_epochs == [1, 3] and stage.vote_epochs == [1, 3, 5]
     assert [e for e in range(5) if stage.in_scoring_window(e)] == [0, 2]
-    every = built("b", 5, start_epoch=1, stage_interval=2, vote_every="epoch")
+    every = built("b", 5, start_epoch=1, stage_interval=2, vote="paper", vote_every="epoch")
     assert every.vote_epochs == [1, 2, 3, 4, 5]
     wide = built("c", 6, start_epoch=2, stage_interval=3, score_window=2)
     assert wide.stage_epochs == [2, 5] and [e for e in range(6) if wide.in_scoring_window(e)] == [0, 1, 3, 4]
+
+
+# ---------------------------------------------------------------------------------------------- trial vote
+def test_trial_credit_by_hand():
+    """Each criterion is credited per class against the mean over criteria (indicator: +1; gain: margin / 100);
+    every criterion votes, whichever was suppressed in the previous round; classes without samples do not."""
+    w = class_weights([100, 10, 1, 1, 1])
+    names = ["magnitude", "cosine_similarity", "taylor_first_order"]
+    accuracy = [[50.0, 40.0, 90.0, 10.0, None],  # class means: 40, 40, 30, 40, nan
+                [30.0, 40.0, 0.0, 60.0, None],
+                [40.0, 40.0, 0.0, 50.0, None]]
+    vote = LTVote(names, w, tau=0.5, seed=1)
+    record = vote.observe_trials(accuracy)
+    expected = torch.tensor([[1, 0, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 0]], dtype=torch.float64)
+    assert torch.equal(vote.D, expected) and vote.rounds == 1  # every row credited: the suppressed one too
+    assert record["votes"] == {"magnitude": 2.0, "cosine_similarity": 1.0, "taylor_first_order": 1.0}
+    assert math.isclose(record["weighted_votes"]["magnitude"], float(w[0] + w[2]))
+    base = torch.softmax(torch.tensor([float(w[0] + w[2]), float(w[3]), float(w[3])], dtype=torch.float64) / 0.5, 0)
+    assert torch.allclose(torch.tensor(list(record["alpha_base"].values()), dtype=torch.float64), base)
+    assert record["alpha"][record["suppressed"]] == 0.0 and math.isclose(sum(record["alpha"].values()), 1.0)
+    gain = LTVote(names, w, increment="gain", suppress=False)
+    gain.observe_trials(accuracy)
+    assert torch.allclose(gain.D, torch.tensor([[0.1, 0, 0.6, 0, 0], [0, 0, 0, 0.2, 0], [0, 0, 0, 0.1, 0]],
+                                               dtype=torch.float64))
+
+class Wide(nn.Module):
+    """conv (2->8, 1x1) -> BN -> ReLU -> conv (8->4) -> BN -> ReLU -> mean -> fc (4->3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(2, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 4, 1, bias=False), nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+def planted(vote: str):
+    """LTAP (magnitude vs first-order Taylor) on a model whose conv1 channel 0 the rare class needs: it has the
+    largest weights (magnitude keeps it) and no gradient (Taylor ranks it last). The evaluator: head and medium
+    classes at 80% whatever is pruned, the rare class at 90% while channel 0 is live and 0% once it is zeroed."""
+    torch.manual_seed(0)
+    model = Wide()
+    with torch.no_grad():
+        model.conv1.weight[0] *= 20
+        model.bn1.weight[0] = 5.0
+    from tailwise.methods.ltap import LTAP
+
+    ltap = LTAP(model, torch.randn(1, 2, 4, 4), [500, 50, 5], criteria=["magnitude", "taylor_first_order"],
+                vote=vote, target_sparsity=0.5, stages=4, suppression="none", round_to=1, seed=0)
+    evaluations = []
+
+    def evaluate():
+        alive = bool(model.conv1.weight[0].abs().sum() > 0)
+        evaluations.append(alive)
+        return [80.0, 80.0, 90.0 if alive else 0.0]
+
+    def observe():
+        for p in model.parameters():
+            p.grad = p.detach().clone()
+        model.conv1.weight.grad[0] = 0
+        model.bn1.weight.grad[0] = model.bn1.bias.grad[0] = 0
+        model.conv2.weight.grad[:, 0] = 0
+        ltap.observe()
+
+    return ltap, model, evaluate, observe, evaluations
+
+
+def test_planted_trial_vote_favours_the_criterion_that_protects_the_rare_class():
+    ltap, model, evaluate, observe, evaluations = planted("trial")
+    records = []
+    for _ in range(4):
+        observe()
+        ltap.step(evaluate)
+        records.append(ltap.round_record)
+    first = records[0]
+    assert first["trials"]["magnitude"]["per_class"][2] == 90.0 and first["trials"]["taylor_first_order"]["per_class"][2] == 0.0
+    assert first["votes"] == {"magnitude": 1.0, "taylor_first_order": 0.0}
+    for r in records:  # the stage prunes with the alpha its own vote produced, and magnitude leads it
+        assert r["alpha"]["magnitude"] > r["alpha"]["taylor_first_order"]
+    assert bool(model.conv1.weight[0].abs().sum() > 0)  # the mix kept the rare class's channel
+    assert ltap.masks.keep[0][0] and int((~ltap.masks.keep[0]).sum()) > 0
+    assert float(ltap.vote.D[0].sum()) == 4.0 and float(ltap.vote.D[1].sum()) == 0.0
+    assert max(ltap.alpha(), key=ltap.alpha().get) == "magnitude"
+    assert ltap.history[-1]["alpha"] == records[-1]["alpha"]
+    assert records[-1]["mixed"]["per_class"] == [80.0, 80.0, 90.0]  # the mixed mask right after pruning
+    assert len(evaluations) == 4 * 3  # two trials and the mixed mask per stage
+
+
+def test_planted_paper_vote_gives_every_criterion_equal_votes():
+    """The literal eq. 6 on the same setup: both criteria get the same votes whatever their masks do."""
+    ltap, model, evaluate, observe, _ = planted("paper")
+    for _ in range(4):
+        observe()
+        ltap.step(evaluate)
+        if ltap.round_record is not None:
+            votes = set(ltap.round_record["votes"].values())
+            assert len(votes) == 1
+    assert torch.equal(ltap.vote.D[0], ltap.vote.D[1])
+
+
+def test_adaptive_still_loads_as_paper():
+    with pytest.warns(FutureWarning, match="'adaptive' is now called 'paper'"):
+        cfg = config_from_dict(ltap_config(vote="adaptive"))
+    assert cfg.method["vote"] == "paper"
+
+
+def small_loader(n=24, classes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, 3, 16, 16, generator=g), torch.arange(n) % classes
+    return [(x[:12], y[:12]), (x[12:], y[12:])]
+
+
+def test_trials_leave_model_masks_bn_statistics_and_rng_untouched():
+    from tailwise.methods.ltap import LTAP
+    from tailwise.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet20", 4)
+    loader = small_loader()
+    ltap = LTAP(model, loader[0][0][:1], [40, 20, 8, 4], target_params=0.5, stages=2, seed=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for x, y in loader:  # training: BN statistics move, momentum exists, the window has gradients
+        opt.zero_grad()
+        ltap.observe(torch.nn.functional.cross_entropy(model(x), y))
+        opt.step()
+        ltap.enforce(opt)
+    ltap.step(loader)  # stage 1 pruned: the next trials start from a masked model
+    for x, y in loader:
+        opt.zero_grad()
+        ltap.observe(torch.nn.functional.cross_entropy(model(x), y))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    keep = [k.clone() for k in ltap.masks.keep]
+    momentum = {p: opt.state[p]["momentum_buffer"].clone() for p in model.parameters()}
+    rng = torch.get_rng_state()
+    zeroed = []
+    evaluate = ltap.evaluator(loader)
+
+    def watching():
+        zeroed.append(sum(int((m.weight.abs().sum((1, 2, 3)) == 0).sum()) for m in model.modules()
+                          if isinstance(m, nn.Conv2d)))
+        return evaluate()
+
+    model.train()
+    ltap.scores(watching)  # the four trials (group-mean: four distinct criteria) and the vote, no pruning
+    assert len(zeroed) == len(ltap.options.criteria) == 4 and min(zeroed) > sum(int((~k).sum()) for k in keep)  # the trials did zero channels
+    assert model.training
+    for k, v in model.state_dict().items():  # weights and BatchNorm running statistics, bit for bit
+        assert torch.equal(v, state[k]), k
+    assert all(torch.equal(a, b) for a, b in zip(ltap.masks.keep, keep))
+    assert all(torch.equal(opt.state[p]["momentum_buffer"], m) for p, m in momentum.items())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert ltap.vote.rounds == 2
+
+
+def test_standalone_ltap_compresses_to_the_masked_function():
+    from tailwise.methods.ltap import LTAP
+    from tailwise.models import build_model
+
+    torch.manual_seed(1)
+    model = build_model("resnet20", 4)
+    loader = small_loader(seed=1)
+    ltap = LTAP(model, loader[0][0][:1], [40, 20, 8, 4], target_macs=0.4, stages=2)
+    for _ in range(2):
+        for x, y in loader:
+            ltap.observe(torch.nn.functional.cross_entropy(model(x), y))
+        event = ltap.step(loader)
+        assert set(event["alpha"]) == set(CRITERIA) - {"avg_magnitude"} and event["removed_channels"] > 0
+        mixed = ltap.round_record["mixed"]["per_class"]
+        assert mixed == [round(float(a), 4) for a in ltap.evaluator(loader)()]  # the model right after pruning
+    with pytest.raises(RuntimeError, match="stages are done"):
+        ltap.step(loader)
+    small = ltap.compress()
+    assert ltap.cost()["active_macs"] <= 0.4 * ltap.dense["macs"]
+    assert sum(p.numel() for p in small.parameters()) == ltap.cost()["active_params"]
+    model.eval()
+    small.eval()
+    x = loader[0][0]
+    assert torch.allclose(model(x), small(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def trial_run(tmp_path_factory):
+    """The defaults but the schedule and budget: trial vote, group-mean, the four distinct criteria."""
+    trainer = make(tmp_path_factory.mktemp("trial"), drop=("normalize",))
+    return trainer, trainer.fit()
+
+
+def test_trial_run_records_every_stage(trial_run):
+    trainer, result = trial_run
+    assert result["method"]["vote"] == "trial"
+    on_disk = [json.loads(line) for line in (trainer.out / "metrics.jsonl").read_text().splitlines()]
+    stages = [r for r in on_disk if "pruning_stage" in r]
+    assert [r["epoch"] for r in stages] == [0, 1] and all("ltap_vote" not in r for r in on_disk[2:])
+    for r in stages:
+        v = r["ltap_vote"]
+        assert set(v["trials"]) == set(v["votes"]) == set(CRITERIA) - {"avg_magnitude"}
+        for trial in [*v["trials"].values(), v["mixed"]]:
+            assert len(trial["per_class"]) == 4 and set(trial["groups"]) == {"many", "medium", "few"}
+        assert math.isclose(sum(v["alpha_base"].values()), 1.0) and v["alpha"][v["suppressed"]] == 0.0
+        assert r["pruning_stage"]["alpha"] == v["alpha"] == {k: pytest.approx(a, abs=1e-6) for k, a in r["ltap_alpha"].items()}
+    assert result["method"]["ltap"]["vote_matrix"]["rounds"] == 2
+    assert len(result["method"]["overhead"]["trial_s_per_stage"]) == 2  # wall clock, kept out of metrics.jsonl
+    assert result["cost"]["params"] <= 0.5 * result["cost"]["params_dense"]
+
+
+def test_group_mean_makes_avg_magnitude_a_copy_of_magnitude():
+    """Why the default criteria drop avg_magnitude under group-mean: with some channels pruned, the two normalised
+    vectors are equal under group-mean and differ under the global l2 normalisation."""
+    from tailwise.methods.ltap import LTAPOptions
+    from tailwise.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet20", 4)
+    groups = channel_groups(model, torch.randn(1, 3, 16, 16))
+    layout = ChannelLayout(model, groups)
+    keep = [torch.rand(g.size) > 0.3 for g in groups]
+    for k in keep:
+        k[0] = True
+    raw = CriteriaAccumulator(layout, ["magnitude", "avg_magnitude"]).compute(model, keep)
+    live, segments = torch.cat(keep), [(o, g.size) for o, g in zip(layout.offsets, groups)]
+    same = [normalise(raw[k], live, "group-mean", segments) for k in ("magnitude", "avg_magnitude")]
+    assert torch.allclose(same[0], same[1], rtol=1e-9)
+    differ = [normalise(raw[k], live, "l2") for k in ("magnitude", "avg_magnitude")]
+    assert not torch.allclose(differ[0] / differ[0].max(), differ[1] / differ[1].max(), rtol=1e-3)
+    assert LTAPOptions(normalize="group-mean").criteria == [c for c in CRITERIA if c != "avg_magnitude"]
+    assert LTAPOptions(normalize="l2").criteria == list(CRITERIA)
+    with pytest.warns(UserWarning, match="counts one criterion twice"):
+        assert LTAPOptions(normalize="group-mean", criteria=list(CRITERIA)).criteria == list(CRITERIA)

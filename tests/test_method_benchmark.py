@@ -23,7 +23,8 @@ def train(out: Path, method: dict | None) -> dict:
 
 def test_table_rows_deltas_and_within_run_overhead(tmp_path):
     base = train(tmp_path / "base", None)
-    plastic = train(tmp_path / "plastic", {"name": "plasticity", "every_epochs": 1, "alpha": 0.25})
+    plastic = train(tmp_path / "plastic", {"name": "plasticity", "every_epochs": 1, "alpha": 0.25,
+                                           "last_event_epoch": 2})
     more = train(tmp_path / "more", {"name": "more", "amplitude": 2.0})
     (tmp_path / "unfinished").mkdir()
     (tmp_path / "unfinished" / "metrics.jsonl").write_text(json.dumps({"epoch": 6, "time_s": 1.0}) + "\n")
@@ -56,7 +57,8 @@ def test_table_rows_deltas_and_within_run_overhead(tmp_path):
     ratio = more["method"]["overhead"]["ratio"]
     assert f"x{ratio:.2f} (" in out.stdout and "merge check" in out.stdout
     branch = more["method"]["branch"]
-    assert f"share of the logits {branch['logit_share']:.2e} on 32 test images" in out.stdout
+    assert branch["samples"] == 40  # the whole synthetic test set: 4 classes x 10, under the 512 stratified cap
+    assert f"share of the logits {branch['logit_share']:.2e} on 40 test images" in out.stdout
     # more_branch.py rebuilds the run from its config and last checkpoint: the same branch as the run recorded
     rebuilt = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "more_branch.py"), str(tmp_path / "more")],
                              capture_output=True, text=True, timeout=120,
@@ -64,7 +66,7 @@ def test_table_rows_deltas_and_within_run_overhead(tmp_path):
     assert rebuilt.returncode == 0, rebuilt.stderr
     row = next(line for line in rebuilt.stdout.splitlines() if line.startswith("| `more`"))
     assert (f"| 3 | {branch['weight_ratio_median']:.2e} | {branch['weight_ratio_max']:.2e} "
-            f"(`{branch['weight_ratio_max_layer']}`) | {branch['logit_share']:.2e} (32 test images) |") in row
+            f"(`{branch['weight_ratio_max_layer']}`) | {branch['logit_share']:.2e} (40 test images) |") in row
     refused = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "more_branch.py"), str(tmp_path / "more"),
                               str(tmp_path / "plastic")], capture_output=True, text=True, timeout=120,
                              env={**os.environ, "PYTHONPATH": str(ROOT / "src")})

@@ -160,4 +160,4 @@ def test_register_model_decorator():
         assert m.arch == {"name": "_tiny_test_model", "num_classes": 3, "width": 5}
         assert m.weight.shape == (3, 5)
     finally:
-        registry._REGISTRY.pop("_tiny_test_model", None)
+        registry.MODELS.unregister("_tiny_test_model")

@@ -1,14 +1,17 @@
-"""`tailwise report`: paper-layout table numbers, CSV round trip, bad runs, plots, HTML (synthetic run dirs)."""
+"""`tailwise report`: paper-layout table numbers, CSV round trip, bad runs, plots, HTML, and seeds grouped into rows
+with hand-computed statistics and paired differences (synthetic run dirs)."""
 from __future__ import annotations
 
 import base64
 import importlib.util
 import json
+import math
 import re
 import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tailwise.cli import main
 from tailwise.eval.report import build_report, read_csv, table_rows
@@ -21,8 +24,9 @@ DENSE = {"conv1": 16, "layer1.0.conv1": 16, "layer1.0.conv2": 16, "layer2.0.conv
 
 
 def make_run(path: Path, *, loss="balanced_softmax", method="none", acc=(60.0, 50.0, 40.0, 50.0), F=100.0,
-             seed=0, epochs=6, ltap=False, arch=True) -> Path:
-    """A run directory with the documented files: result.json, metrics.jsonl, model/arch.json."""
+             seed=0, epochs=6, ltap=False, arch=True, config: dict | None = None) -> Path:
+    """A run directory with the documented files: result.json, metrics.jsonl, model/arch.json, and a config.yaml
+    (the recipe of these settings, updated section by section with ``config``)."""
     path.mkdir(parents=True)
     many, medium, few, all_ = acc
     macs_dense = 1_000_000
@@ -42,6 +46,15 @@ def make_run(path: Path, *, loss="balanced_softmax", method="none", acc=(60.0, 5
         "method": m, "loss": loss, "model": "resnet20", "epochs": epochs, "seed": seed, "time_s": 1.0,
         "versions": {}}
     (path / "result.json").write_text(json.dumps(result))
+    recipe = {"data": {"name": "synthetic", "num_classes": 10}, "model": {"name": "resnet20"}, "loss": {"name": loss},
+              "method": {k: v for k, v in m.items() if v is not None},
+              "train": {"epochs": epochs},
+              "run": {"seed": seed}}
+    if pruned:  # pruning stages at epochs 2 and 4, as in metrics.jsonl
+        recipe["method"].update(start_epoch=2, stage_interval=2)
+    for section, values in (config or {}).items():
+        recipe[section].update(values)
+    (path / "config.yaml").write_text(yaml.safe_dump(recipe))
     live = dict(DENSE)
     lines = []
     for e in range(epochs):
@@ -104,7 +117,8 @@ def test_table_numbers_match_result_json_and_hand_computed_C(runs, tmp_path):
     assert rows["ce_ltap"]["C"] is None and rows["ce_ltap"]["C_over_F"] is None  # no dense CE run: blank
     md = (tmp_path / "out" / "table.md").read_text()
     line = next(ln for ln in md.splitlines() if ln.startswith("| BS + LTAP"))
-    assert [c.strip() for c in line.split("|")[2:-1]] == ["22.6", "55.8", "44.7", "23.2", "42.4", "89.8", "3.97"]
+    assert [c.strip() for c in line.split("|")[2:-1]] == ["n = 1", "22.6", "55.8", "44.7", "23.2", "42.4", "89.8",
+                                                          "3.97"]
     ce_line = next(ln for ln in md.splitlines() if ln.startswith("| CE + LTAP"))
     assert [c.strip() for c in ce_line.split("|")[-3:-1]] == ["", ""]
     assert "BS + LTAP (w.o. vote, params 30%, 2 stages, 6 ep)" in md
@@ -191,6 +205,165 @@ def test_html_renders_in_chromium(runs, tmp_path):
     spec.loader.exec_module(check)
     assert check.main([str(out)]) == 0
     assert (out / "report_screenshot.png").read_bytes().startswith(PNG)
+
+
+# ------------------------------------------------------------------------------------------ seeds
+# (head, medium, tail, all) per seed; LTAP's tail is BS's + (+1.2, -0.3, +2.4): mean +1.1, min -0.3, max +2.4
+BS_ACC = {0: (84.0, 68.0, 61.0, 70.1), 1: (83.0, 69.0, 62.5, 71.3), 2: (85.0, 67.5, 60.0, 72.0)}
+LTAP_ACC = {0: (80.0, 69.0, 62.2, 69.5), 1: (79.0, 70.0, 62.2, 71.0), 2: (81.5, 68.0, 62.4, 71.1)}
+LTAP_F = {0: 24.5, 1: 24.9, 2: 24.4}
+MAG_ACC = {0: (78.0, 66.0, 60.0, 68.0), 1: (77.5, 66.5, 61.0, 68.5)}
+LTAP_LABEL = "BS + LTAP (w.o. vote, params 30%, 2 stages, 6 ep)"
+MAG_LABEL = "BS + Magnitude (params 30%, 2 stages, 6 ep)"
+
+
+def hand_mean_sd(values):
+    """Mean and sample standard deviation, written out (n - 1 in the denominator)."""
+    n = len(values)
+    mean = sum(values) / n
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def cell(values, nd=1):
+    mean, sd = hand_mean_sd(values)
+    return f"{mean:.{nd}f} ± {sd:.{nd}f}"
+
+
+def md_cells(md: str, start: str) -> list[str]:
+    """The cells after ``start`` (the first cells, joined by ' | ') of the Markdown table line beginning with it."""
+    line = next(ln for ln in md.splitlines() if ln.startswith(f"| {start} |"))
+    return [c.strip() for c in line[len(start) + 4:].rstrip("|").split(" | ")]
+
+
+@pytest.fixture
+def seeded(tmp_path):
+    """BS and LTAP over seeds 0-2, Magnitude over seeds 0-1, created in a shuffled order."""
+    r = tmp_path / "runs"
+    dirs = {}
+    for seed in (2, 0, 1):
+        dirs[f"ltap_s{seed}"] = make_run(r / f"ltap_s{seed}", method="ltap", acc=LTAP_ACC[seed], F=LTAP_F[seed],
+                                         seed=seed)
+        dirs[f"bs_s{seed}"] = make_run(r / f"bs_s{seed}", acc=BS_ACC[seed], seed=seed)
+        if seed in MAG_ACC:
+            dirs[f"mag_s{seed}"] = make_run(r / f"mag_s{seed}", method="magnitude", acc=MAG_ACC[seed], F=30.0,
+                                            seed=seed)
+    return dirs
+
+
+def test_seeds_form_one_row_with_mean_and_sample_sd(seeded, tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    bars = {}
+    real_bar = Axes.bar
+
+    def spy(self, *args, **kwargs):
+        bars[kwargs.get("label")] = kwargs.get("yerr")
+        return real_bar(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "bar", spy)
+    out = tmp_path / "out"
+    report = build_report(list(seeded.values()), out)
+    assert [(row.label, row.seeds) for row in report["rows"]] == [
+        ("BS", [0, 1, 2]), (MAG_LABEL, [0, 1]), (LTAP_LABEL, [0, 1, 2])]
+    mean, sd = hand_mean_sd([70.1, 71.3, 72.0])
+    assert (mean, sd) == pytest.approx((71.1333, 0.9609), abs=1e-4)
+    bs = report["rows"][0].stat("all")
+    assert (bs.mean, bs.sd, bs.n) == (pytest.approx(mean), pytest.approx(sd), 3)
+
+    md = (out / "table.md").read_text()
+    col = lambda acc, i: [acc[s][i] for s in sorted(acc)]  # noqa: E731
+    # C of each seed against the baseline run of the same seed; C/F with that seed's own F
+    c = [100 * LTAP_ACC[s][3] / BS_ACC[s][3] for s in (0, 1, 2)]
+    c_over_f = [c[s] / LTAP_F[s] for s in (0, 1, 2)]
+    assert md_cells(md, LTAP_LABEL) == ["n = 3", cell([24.5, 24.9, 24.4]), *(cell(col(LTAP_ACC, i)) for i in range(4)),
+                                        cell(c), cell(c_over_f, 2)]
+    assert md_cells(md, LTAP_LABEL)[5] == "70.5 ± 0.9" and cell(c) == "99.2 ± 0.4"
+    assert md_cells(md, "**BS** (baseline)")[:7] == ["n = 3", "100.0 ± 0.0", "84.0 ± 1.0", cell([68.0, 69.0, 67.5]),
+                                                     cell([61.0, 62.5, 60.0]), "71.1 ± 1.0", "100.0 ± 0.0"]
+    # paired differences against the baseline: mean (min … max) of the per-seed differences
+    assert md_cells(md, f"{LTAP_LABEL} | BS") == ["n = 3", "−3.8 (−4.0 … −3.5)", "+0.8 (+0.5 … +1.0)",
+                                                  "+1.1 (−0.3 … +2.4)", "−0.6 (−0.9 … −0.3)"]
+    assert md_cells(md, f"{MAG_LABEL} | BS")[0] == "n = 2"
+
+    rows = read_csv(out / "table.csv")  # one line per run, with its own values
+    assert len(rows) == 8
+    ltap1 = next(row for row in rows if row["run"] == str(seeded["ltap_s1"]))
+    assert (ltap1["seed"], ltap1["tail"], ltap1["F"]) == (1, 62.2, 24.9)
+    assert ltap1["C"] == pytest.approx(100 * 71.0 / 71.3) and ltap1["baseline"] == str(seeded["bs_s1"])
+    assert {row["method"] for row in rows} == {"BS", LTAP_LABEL, MAG_LABEL}
+
+    # group bars: the mean with the sample sd as error bar, per class group
+    assert bars["BS"] == pytest.approx([hand_mean_sd(col(BS_ACC, i))[1] for i in range(4)])
+    page = (out / "report.html").read_text()
+    assert 'id="diffs"' in page and 'title="seed 0: 70.1; seed 1: 71.3; seed 2: 72.0"' in page
+    spec = importlib.util.spec_from_file_location("check_report_html", ROOT / "benchmarks" / "check_report_html.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    assert check.static_checks(check.parse(page)) == []
+    dynamics = [title for title, _ in report["plots"] if title.startswith("Training dynamics")]
+    assert len(dynamics) == 3 and f"Training dynamics: {LTAP_LABEL} (seed 0 of seeds 0, 1, 2)" in dynamics
+
+
+def test_one_seed_rows_say_n_1_and_show_no_sd(runs, tmp_path):
+    build_report([runs["bs"], runs["bs_ltap"]], tmp_path / "out")
+    md = (tmp_path / "out" / "table.md").read_text()
+    table = [ln for ln in md.splitlines() if ln.startswith("| ")]
+    assert all(" | n = 1 | " in ln for ln in table[1:] if not ln.startswith("| Row"))
+    assert not any("±" in ln or "…" in ln for ln in table)
+    assert md_cells(md, "BS + LTAP (w.o. vote, params 30%, 2 stages, 6 ep) | BS") == [
+        "n = 1", f"{55.8 - 62.6:+.1f}".replace("-", "−"), "−3.8", "−3.8", "−4.8"]
+
+
+def test_c_only_against_the_baseline_run_of_the_same_seed(seeded, tmp_path):
+    out = tmp_path / "out"
+    build_report([d for name, d in seeded.items() if name != "bs_s2"], out)
+    md = (out / "table.md").read_text()
+    c = [100 * LTAP_ACC[s][3] / BS_ACC[s][3] for s in (0, 1)]
+    assert md_cells(md, LTAP_LABEL)[6] == cell(c) + " (n = 2)"  # seed 2 has no baseline run: no C
+    ltap2 = next(row for row in read_csv(out / "table.csv") if row["run"] == str(seeded["ltap_s2"]))
+    assert ltap2["C"] is None and ltap2["baseline"] is None
+    assert md_cells(md, f"{LTAP_LABEL} | BS")[:3] == ["n = 2", "−4.0 (−4.0 … −4.0)", "+1.0 (+1.0 … +1.0)"]
+
+
+def test_diff_between_two_rows(seeded, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["report", *map(str, seeded.values()), "--diff", str(seeded["ltap_s2"]), str(seeded["mag_s0"]),
+               "--out", str(out)])
+    assert rc == 0
+    md = (out / "table.md").read_text()
+    tail = [LTAP_ACC[s][2] - MAG_ACC[s][2] for s in (0, 1)]  # +2.2, +1.2: the seeds both rows have
+    assert md_cells(md, f"{LTAP_LABEL} | {MAG_LABEL}") == [
+        "n = 2", "+1.8 (+1.5 … +2.0)", "+3.2 (+3.0 … +3.5)", f"+{sum(tail) / 2:.1f} (+1.2 … +2.2)",
+        "+2.0 (+1.5 … +2.5)"]
+    assert "Row − Reference" in md and md in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["other_key", "same_seed", "no_config", "diff_unknown", "diff_no_common_seed"])
+def test_refusals_name_the_problem(seeded, tmp_path, capsys, case):
+    dirs = [str(d) for d in seeded.values()]
+    extra = []
+    if case == "other_key":
+        dirs.append(str(make_run(tmp_path / "lr", acc=BS_ACC[0], seed=5, config={"train": {"lr": 0.05}})))
+        expected = ["would share the row 'BS' but differ in more than run.seed", "train.lr: 0.1 in", "0.05 in",
+                    str(seeded["bs_s0"]), str(tmp_path / "lr")]
+    elif case == "same_seed":
+        dirs.append(str(make_run(tmp_path / "again", acc=BS_ACC[1], seed=1)))
+        expected = [f"row 'BS' has more than one run of seed 1 ({seeded['bs_s1']}, {tmp_path / 'again'})"]
+    elif case == "no_config":
+        (seeded["mag_s1"] / "config.yaml").unlink()
+        expected = [f"{seeded['mag_s1']}: no config.yaml"]
+    elif case == "diff_unknown":
+        extra = ["--diff", str(tmp_path / "elsewhere"), str(seeded["bs_s0"])]
+        expected = [f"--diff {tmp_path / 'elsewhere'}: not one of the report's runs"]
+    else:
+        dirs.append(str(make_run(tmp_path / "ce_s7", loss="ce", seed=7)))
+        extra = ["--diff", str(seeded["ltap_s0"]), str(tmp_path / "ce_s7")]
+        expected = ["the two rows share no seed (seeds [0, 1, 2] vs [7])"]
+    out = tmp_path / "out"
+    assert main(["report", *dirs, *extra, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert all(text in err for text in expected), err
+    assert err.startswith("error: ") and "Traceback" not in err and not out.exists()  # refused before writing
 
 
 # ------------------------------------------------------------------------------------------ kernel-mask view

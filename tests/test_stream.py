@@ -215,16 +215,17 @@ def test_data_verify_counts_every_problem_kind(listed, tmp_path, capsys):
     (root / "n00" / "truncated.jpg").write_bytes((root / "n00" / "train_0.jpg").read_bytes()[:300])
     bad = tmp_path / "bad.txt"
     bad.write_text("\n".join(good[:10] + ["n00/missing.jpg 0", "n00/truncated.jpg 0", "just-one-field",
-                                          "n01/train_0.jpg seven", "n02/train_1.jpg 9", "n03/train_0.jpg -1"]) + "\n")
+                                          "n01/train_0.jpg seven", "n02/train_1.jpg 9", "n03/train_0.jpg -1",
+                                          "../train.txt 0"]) + "\n")
     report = verify_lists([listed / "train.txt", bad], root, workers=2)
     kinds = {k: len(v) for k, v in report.by_kind().items()}
-    assert kinds == {"missing": 1, "corrupt": 1, "malformed": 2, "label out of range": 2}
-    assert report.num_classes == 4 and report.entries == 40 + 14 and not report.ok
+    assert kinds == {"missing": 1, "corrupt": 1, "malformed": 2, "label out of range": 2, "outside root": 1}
+    assert report.num_classes == 4 and report.entries == 40 + 15 and not report.ok
     assert main(["data", "verify", "--list", str(listed / "train.txt"), "--list", str(bad), "--root", str(root)]) == 2
     out = capsys.readouterr().out
     assert "n00/missing.jpg" in out and "bad.txt:12: n00/truncated.jpg" in out and "just-one-field" in out
-    assert out.strip().splitlines()[-1].startswith("data verify: 6 problems (1 missing, 1 corrupt, 2 malformed, "
-                                                    "2 label out of range)")
+    assert out.strip().splitlines()[-1].startswith("data verify: 7 problems (1 missing, 1 corrupt, 2 malformed, "
+                                                    "2 label out of range, 1 outside root)")
     # a recipe's lists; clean -> exit 0
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"data": {"name": "listfile", "root": str(root), "num_classes": 4,
@@ -251,7 +252,8 @@ def streamed_recipe(listed, epochs=1, workers=2) -> dict:
 
 def test_streamed_trainer_resumes_mid_epoch_exactly(listed, tmp_path):
     from tailwise.config import config_from_dict
-    from tailwise.engine.trainer import Interrupted, Trainer, prepare_run_dir
+    from tailwise.engine.rundir import prepare_run_dir
+    from tailwise.engine.trainer import Interrupted, Trainer
 
     def trainer(name, workers):
         cfg = config_from_dict(streamed_recipe(listed, epochs=2, workers=workers))

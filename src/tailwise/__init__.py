@@ -15,13 +15,16 @@ def run(recipe, overrides=(), out=None, resume=False, branch_from=None):
     ``recipe`` is a YAML path or a bundled recipe name, ``overrides`` a list of ``section.key=value`` strings,
     ``out`` the run directory (default ``runs/<recipe>-<timestamp>``); ``resume=True`` continues ``out``;
     ``branch_from`` a plain run's end-of-epoch checkpoint to start from (:mod:`tailwise.engine.branch`).
+    The run directory is held by this process alone, and resume refuses a checkpoint written under another
+    config (:mod:`tailwise.engine.rundir`).
     """
     import time
     from pathlib import Path
 
     from .config import apply_overrides, config_from_dict, load_config, load_recipe
     from .engine.dist import from_environment, launched
-    from .engine.trainer import Trainer, prepare_run_dir
+    from .engine.rundir import claim_run_dir
+    from .engine.trainer import Trainer
     from .errors import TrainingError
 
     if resume:  # overrides may only change how the run executes (threads, progress), see the CLI
@@ -32,28 +35,31 @@ def run(recipe, overrides=(), out=None, resume=False, branch_from=None):
         raise TrainingError("under torchrun give the run directory with --out (every process must use the same)")
     dist, device = from_environment(cfg.run.device)  # under torchrun: join the job (rank 0 alone writes)
     out = Path(out or cfg.run.out or f"runs/{Path(str(recipe)).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if not resume:
-        failed = None
-        if dist.is_main:
-            try:
-                prepare_run_dir(cfg, out)
-            except TrainingError as exc:
-                failed = exc
-        if dist.any(failed is not None):
-            raise failed or TrainingError(f"rank 0 could not create the run directory {out}")
-    trainer = Trainer(cfg, out, dist=dist, device=device)
-    if resume:
-        trainer.resume()
-    elif branch_from is not None:
-        try:
+    # one process per run directory; a new run that fails before its first checkpoint leaves nothing behind
+    with claim_run_dir(cfg, out, resume, dist) as checkpoint:
+        trainer = Trainer(cfg, out, dist=dist, device=device)
+        if checkpoint is not None:
+            trainer.resume(checkpoint)
+        elif branch_from is not None:
             trainer.branch(branch_from)
-        except BaseException:  # nothing half-written: the new run directory goes again
-            if dist.is_main:
-                import shutil
-
-                shutil.rmtree(out, ignore_errors=True)
-            raise
-    return trainer.fit()
+        return trainer.fit()
 
 
-__all__ = ["__version__", "load_model", "run"]
+# the standalone method objects, imported on first use (``import tailwise`` stays light)
+_LAZY = {"LTAP": "tailwise.methods.ltap", "MagnitudePruner": "tailwise.methods.pruning",
+         "TaylorPruner": "tailwise.methods.pruning", "RandomPruner": "tailwise.methods.pruning",
+         "Plasticity": "tailwise.methods.plasticity", "reparametrize": "tailwise.methods.more",
+         "general_logits": "tailwise.methods.more", "more_loss": "tailwise.methods.more",
+         "merge": "tailwise.methods.more",
+         "Decoupler": "tailwise.methods.do", "SubModelEnsemble": "tailwise.methods.do"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'tailwise' has no attribute {name!r}")
+
+
+__all__ = ["__version__", "load_model", "run", *_LAZY]

@@ -8,7 +8,7 @@
     tailwise recipes
     tailwise export RUN_DIR --onnx
     tailwise bench-latency RUN_DIR [--batch 1 128]
-    tailwise report RUN_DIR... [--baseline RUN_DIR] [--out DIR]
+    tailwise report RUN_DIR... [--baseline RUN_DIR] [--diff RUN_DIR REF_RUN_DIR]... [--out DIR]
 
 User errors (bad config, missing or corrupt data, NaN loss) print one message and exit with code 2.
 """
@@ -21,9 +21,6 @@ import time
 from pathlib import Path
 
 from .errors import TailwiseError
-
-RESUME_OVERRIDES = ("run.threads", "run.progress", "run.tensorboard")
-
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -62,6 +59,8 @@ def cmd_run(ns) -> int:
     if ns.resume:
         if not (Path(ns.resume) / "config.yaml").is_file():
             raise TailwiseError(f"--resume {ns.resume}: no config.yaml there, not a tailwise run directory")
+        from .config import RESUME_OVERRIDES  # a checkpoint records the rest (tailwise.engine.rundir)
+
         if recipe or any(o.split("=", 1)[0] not in RESUME_OVERRIDES for o in overrides):
             raise TailwiseError("--resume continues a run with its saved config.yaml; do not pass a recipe or "
                                 f"overrides other than {', '.join(RESUME_OVERRIDES)} (they do not change results)")
@@ -139,7 +138,7 @@ def cmd_report(ns) -> int:
     from .eval.report import build_report
 
     out = Path(ns.out or f"report-{time.strftime('%Y%m%d-%H%M%S')}")
-    report = build_report(ns.run_dirs, out, ns.baseline, warn=lambda msg: _log(f"warning: {msg}"))
+    report = build_report(ns.run_dirs, out, ns.baseline, warn=lambda msg: _log(f"warning: {msg}"), diffs=ns.diff)
     print((out / "table.md").read_text(), end="")
     print(f"report: {report['files']['report.html']} ({len(report['runs'])} runs, {len(report['plots'])} plots; "
           f"also table.csv, report.md, plots/)")
@@ -244,7 +243,7 @@ def cmd_methods(ns) -> int:
     import inspect
     import sys
 
-    from .config import field_table
+    from .options import field_table
     from .methods import list_methods, method_class
 
     if ns.name is None:
@@ -254,8 +253,9 @@ def cmd_methods(ns) -> int:
         return 0
     cls = method_class(ns.name)
     print(f"{cls.name}: {cls.summary}\n")
-    if cls is not method_class("none"):
-        print(inspect.getdoc(sys.modules[cls.__module__]), end="\n\n")
+    if cls is not method_class("none"):  # the standalone object's module (if it has its own), then the adapter's
+        for module in dict.fromkeys([getattr(cls, "Pruner", cls).__module__, cls.__module__]):
+            print(inspect.getdoc(sys.modules[module]), end="\n\n")
     table = field_table(cls.Options)
     if not table:
         print("No options.")
@@ -299,10 +299,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true", help="time both models in NHWC memory format")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_bench_latency)
-    p = sub.add_parser("report", help="paper-layout table (Markdown, CSV), plots and an HTML page of finished runs")
+    p = sub.add_parser("report", help="paper-layout table (Markdown, CSV), plots and an HTML page of finished runs",
+                       description="Runs that differ only in run.seed form one row: mean ± sample sd over the seeds "
+                       "and n; table.csv keeps every run. C, C/F and paired differences compare each seed with the "
+                       "baseline's run of the same seed. Runs that would share a row but differ in other config keys "
+                       "are refused.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    p.add_argument("--baseline", metavar="RUN_DIR", help="run that C and C/F are relative to (default: the dense run "
-                   "of the same loss and dataset among RUN_DIRs)")
+    p.add_argument("--baseline", metavar="RUN_DIR", help="the row (this run and its other seeds among RUN_DIRs) that C "
+                   "and C/F are relative to (default: the dense row of the same loss and dataset)")
+    p.add_argument("--diff", nargs=2, action="append", default=[], metavar=("RUN_DIR", "REF_RUN_DIR"),
+                   help="also show the paired differences (Head/Medium/Tail/All, per seed, then mean and min…max) of "
+                   "the row holding RUN_DIR minus the row holding REF_RUN_DIR (any seed of each); repeatable. Every "
+                   "row's difference to its baseline is always shown")
     p.add_argument("--out", help="report directory (default report-<timestamp>)")
     p.set_defaults(fn=cmd_report)
     p = sub.add_parser("data", help="dataset tools")

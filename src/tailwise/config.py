@@ -7,26 +7,16 @@ options dataclass validates (see :mod:`tailwise.methods`).
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from .errors import ConfigError
-
-
-def choice(*allowed, default):
-    """A dataclass field whose value must be one of ``allowed`` (checked by :func:`build_dataclass`)."""
-    return field(default=default, metadata={"choices": allowed})
-
-
-def bounded(default, low=None, high=None, low_open=False, high_open=False):
-    """A numeric dataclass field checked by :func:`build_dataclass` to lie in ``[low, high]`` (ends excluded
-    with ``low_open`` / ``high_open``; None: unbounded). Used by the run config and the methods' options."""
-    return field(default=default, metadata={"low": low, "high": high, "low_open": low_open, "high_open": high_open})
+from .losses import list_losses
+from .methods import validate_method_config
+from .options import bounded, build_dataclass, choice
 
 
 @dataclass
@@ -37,7 +27,7 @@ class DataConfig:
     profile: str = choice("exp", "step", default="exp")
     val: str = choice("holdout", "test", "train", default="holdout")
     val_per_class: int = bounded(50, 1)
-    split_seed: int = 0
+    split_seed: int = bounded(0, 0, 2**64 - 1)
     image_size: int | None = bounded(None, 8)
     num_classes: int | None = bounded(None, 2)
     train_split: str = "train"
@@ -81,8 +71,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    name: str = choice("ce", "focal", "class_balanced", "balanced_softmax", "logit_adjust", "ldam", "ldam_drw",
-                        default="ce")
+    name: str = choice(*list_losses(), default="ce")
     gamma: float | None = None
     beta: float | None = None
     base: str | None = None
@@ -112,15 +101,22 @@ class TrainConfig:
     lr_decay: float = bounded(0.01, 0.0, 1.0, low_open=True)  # step factor per milestone (x0.01, x0.0001)
     min_lr: float = bounded(0.0, 0.0)
     sampler: str = choice("instance", "class_balanced", "sqrt", default="instance")
-    amp: bool = False
+    precision: str = choice("fp32", "bf16", "fp16", "auto", default="fp32")  # see tailwise.engine.precision
+    amp: bool | None = None  # the old name: true loads as precision auto, false as fp32
     channels_last: bool = True  # NHWC: ~1.5x faster ResNet training on CPU (oneDNN)
     eval_test_every_epoch: bool = False
     grad_clip: float | None = bounded(None, 0.0, low_open=True)
 
+    def __post_init__(self):
+        if self.amp is not None:  # an old config: translate, so the resolved config names one setting
+            if self.precision != "fp32":
+                raise ConfigError("train.amp is the old name of train.precision; set only train.precision")
+            self.precision, self.amp = ("auto" if self.amp else "fp32"), None
+
 
 @dataclass
 class RunConfig:
-    seed: int = 0
+    seed: int = bounded(0, 0, 2**64 - 1)  # the range torch.manual_seed takes
     device: str = "auto"
     out: str | None = None
     workers: int = bounded(0, 0)
@@ -145,105 +141,22 @@ class Config:
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "train": TrainConfig, "run": RunConfig}
+# the keys `--resume` may change: how a run executes, not what it computes
+RESUME_OVERRIDES = ("run.threads", "run.progress", "run.tensorboard", "run.keep_checkpoints")
+
+
+def dotted_keys(tree: dict, prefix: str = "") -> dict:
+    """A nested config mapping as dotted keys: ``{"train": {"lr": 0.1}}`` -> ``{"train.lr": 0.1}``."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(dotted_keys(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 # ------------------------------------------------------------------------------------------------- validation
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
-
-
-def _coerce(value: Any, tp, path: str):
-    """Check ``value`` against annotation ``tp`` (int, float, bool, str, list[...], X | None)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, path)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list of {_type_name(item)}, got {value!r}")
-        return [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif tp is dict:
-        if isinstance(value, dict):
-            return value
-    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-
-
-def build_dataclass(cls, values: dict | None, path: str):
-    """Instantiate dataclass ``cls`` from ``values``, validating keys, types, choices and bounds."""
-    values = values or {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown key {path}.{unknown[0]}; allowed keys in {path}: {', '.join(fields)}")
-    kwargs = {}
-    for name, value in values.items():
-        key = f"{path}.{name}"
-        value = _coerce(value, hints[name], key)
-        meta = fields[name].metadata
-        if "choices" in meta and value not in meta["choices"]:
-            allowed = ", ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in meta["choices"])
-            raise ConfigError(f"{key}: {value!r} is not allowed; allowed: {allowed}")
-        if value is not None and isinstance(value, (int, float)):
-            low, high = meta.get("low"), meta.get("high")
-            if (low is not None and (value < low or (meta.get("low_open") and value == low))) or \
-                    (high is not None and (value > high or (meta.get("high_open") and value == high))):
-                raise ConfigError(f"{key}: {value} is out of range; must be {' and '.join(bounds_text(meta))}")
-        kwargs[name] = value
-    return cls(**kwargs)
-
-
-def bounds_text(meta) -> list[str]:
-    """The bounds of a :func:`bounded` field as text, e.g. ``['> 0.0', '<= 0.99']``."""
-    out = []
-    if meta.get("low") is not None:
-        out.append(f"{'>' if meta.get('low_open') else '>='} {meta['low']}")
-    if meta.get("high") is not None:
-        out.append(f"{'<' if meta.get('high_open') else '<='} {meta['high']}")
-    return out
-
-
-def field_table(cls) -> list[tuple[str, str, str, str]]:
-    """``(key, type, default, allowed)`` of every field of the options dataclass ``cls``, as text."""
-    hints = typing.get_type_hints(cls)
-    rows = []
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        allowed = (", ".join(str(c) for c in f.metadata["choices"]) if "choices" in f.metadata
-                   else " and ".join(bounds_text(f.metadata)))
-        kind = getattr(hints[f.name], "__name__", None) or str(hints[f.name])
-        text = "null" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
-        rows.append((f.name, str(kind).replace("typing.", ""), text, allowed))
-    return rows
-
-
 def _check_streaming(data: DataConfig) -> None:
     """Keys of the streamed path must not be set where they cannot apply, and vice versa."""
     if data.stream is True and data.name != "listfile":
@@ -297,13 +210,40 @@ def config_from_dict(raw: dict) -> Config:
     if unknown:
         raise ConfigError(f"unknown section {unknown[0]!r}; allowed sections: data, model, loss, method, train, run")
     sections = {name: build_dataclass(cls, raw.get(name), name) for name, cls in SECTIONS.items()}
-    from .methods import validate_method_config
-
-    method = validate_method_config(raw.get("method") or {"name": "none"})
-    cfg = Config(method=method, **sections)
+    cfg = Config(method=raw.get("method") or {"name": "none"}, **sections)
     _check_consistency(cfg)
-    cfg.method = validate_method_config(method, cfg)
+    cfg.method = validate_method_config(cfg.method, cfg)  # once, against the rest of the config
     return cfg
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (no object tags), plus: ``1e6`` and ``5e-4`` are floats, as in YAML 1.2 (YAML 1.1 reads
+    an exponent without a dot and sign as a string), and a mapping that repeats a key is an error instead of the
+    last value silently winning."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` entries may be overridden by explicit keys
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)):  # unhashable: the base constructor reports it
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError("while reading a mapping", node.start_mark,
+                                                        f"found the key {key!r} twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"))
+
+
+def _parse_yaml(text: str):
+    """Parse recipe or override text with :class:`_RecipeLoader`; raises ``yaml.YAMLError``."""
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 -- a SafeLoader subclass
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -316,7 +256,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if len(parts) < 2 or not all(parts):
             raise ConfigError(f"override {item!r}: the key must be section.key (e.g. train.lr=0.05)")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = _parse_yaml(text) if text.strip() else None
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: cannot parse value: {exc}") from None
         node = raw
@@ -338,8 +278,8 @@ def load_recipe(path: str | Path) -> dict:
             raise ConfigError(f"recipe {path} not found (a YAML file, or a bundled name from `tailwise recipes`)")
         path = found
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
+        raw = _parse_yaml(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {path} must be a mapping of sections, got {type(raw).__name__}")

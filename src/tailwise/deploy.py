@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .engine.checkpoint import atomic_write_bytes, atomic_write_json
+from .atomic import atomic_write_bytes, atomic_write_json
 from .errors import TailwiseError
 from .models import NormedLinear, build_model
 
@@ -81,21 +81,87 @@ def dense_reference(arch: dict) -> nn.Module:
     return build_model(**arch["member"]) if "ensemble" in arch else build_model(**arch)
 
 
+def _read_arch(arch_file: Path) -> dict:
+    """``arch.json`` as a dict, checked to be a tailwise model description (model, classes, preprocess)."""
+    try:
+        arch = json.loads(arch_file.read_text())
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise TailwiseError(f"{arch_file} is not valid JSON ({exc}); restore it from the run that wrote it") from None
+    pre = arch.get("preprocess") if isinstance(arch, dict) else None
+    shape = pre.get("input_shape") if isinstance(pre, dict) else None
+    if not (isinstance(arch, dict) and isinstance(arch.get("model"), dict) and isinstance(arch.get("classes"), list)
+            and isinstance(shape, list) and len(shape) == 3 and all(type(n) is int and 0 < n <= 4096 for n in shape)
+            and all(isinstance(pre.get(k), list) and len(pre[k]) == 3 for k in ("mean", "std"))):
+        raise TailwiseError(f"{arch_file} is not a tailwise model description (it needs \"model\", \"classes\" and "
+                            "\"preprocess\" with 3-value mean, std and an input_shape of at most 4096 per side); "
+                            "restore it from the run")
+    return arch
+
+
+def _mismatches(model: nn.Module, state: dict, arch: dict) -> list[str]:
+    """What does not match between ``model`` (rebuilt from ``arch.json`` at the saved layer shapes) and ``state``:
+    missing and unexpected tensors, tensors of another shape, and layers whose channels differ from the ones
+    ``arch.json`` records."""
+    expected = model.state_dict()
+    found = [f"missing tensor {k}" for k in expected if k not in state]
+    found += [f"unexpected tensor {k}" for k in state if k not in expected]
+    found += [f"tensor {k} has shape {tuple(state[k].shape)}, the architecture needs {tuple(v.shape)}"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    recorded, actual = arch.get("channels"), layer_channels(model)
+    if isinstance(recorded, dict):
+        found += [f"layer {name} has {actual.get(name)} (in, out) channels in the weights, arch.json records "
+                  f"{recorded.get(name)}" for name in sorted(set(recorded) | set(actual))
+                  if actual.get(name) != recorded.get(name)]
+    return found
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Load the deployable model of a run directory (or of its ``model/`` folder), in eval mode.
 
-    The returned module carries ``.arch``, ``.preprocess`` (mean, std, input shape) and ``.classes``.
+    The returned module carries ``.arch``, ``.preprocess`` (mean, std, input shape) and ``.classes``. Nothing that
+    does not fit is returned: ``arch.json`` must describe a model tailwise can build, ``weights.safetensors`` must be
+    a safetensors file (it is never unpickled), every tensor must belong to the architecture at the shape and layer
+    channels ``arch.json`` records, and a forward pass of one batch of the recorded input shape must give one score
+    per recorded class. Otherwise a :class:`TailwiseError` says what does not match.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
     directory = path / "model" if (path / "model" / "arch.json").is_file() else path
-    if not (directory / "arch.json").is_file():
+    arch_file, weights_file = directory / "arch.json", directory / "weights.safetensors"
+    if not arch_file.is_file():
         raise TailwiseError(f"{path} has no model/arch.json: not a finished tailwise run or model folder")
-    arch = json.loads((directory / "arch.json").read_text())
-    state = load_file(str(directory / "weights.safetensors"))
-    model = build_architecture(arch["model"])
-    _resize_to(model, state)
+    arch = _read_arch(arch_file)
+    try:
+        state = load_file(str(weights_file))
+    except (SafetensorError, OSError) as exc:
+        raise TailwiseError(f"{weights_file} is not a readable safetensors file ({exc}); it is missing, cut short or "
+                            "was replaced. Restore it from the run that wrote it") from None
+    spec = arch["model"]
+    try:
+        model = build_architecture(spec)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise TailwiseError(f"{arch_file} describes a model tailwise cannot build ({exc})") from None
+    problem = f"{weights_file} does not fit {arch_file}"
+    try:
+        _resize_to(model, state)
+    except (IndexError, ValueError, RuntimeError) as exc:  # a tensor of a rank no such layer has
+        raise TailwiseError(f"{problem}: {exc}") from None
+    found = _mismatches(model, state, arch)
+    if found:
+        more = f" (and {len(found) - 5} more)" if len(found) > 5 else ""
+        raise TailwiseError(f"{problem}: {'; '.join(found[:5])}{more}")
     model.load_state_dict(state)
+    model.eval()
+    num_classes = (spec.get("member") or spec).get("num_classes")
+    try:
+        with torch.no_grad():
+            logits = model(torch.zeros(1, *arch["preprocess"]["input_shape"]))
+    except RuntimeError as exc:  # layers that do not chain (e.g. a classifier narrower than the features)
+        raise TailwiseError(f"{problem}: a forward pass fails ({str(exc).splitlines()[0]})") from None
+    if tuple(logits.shape) != (1, num_classes) or len(arch["classes"]) != num_classes:
+        raise TailwiseError(f"{problem}: the weights give {logits.shape[-1]} class scores, arch.json says num_classes "
+                            f"{num_classes} and lists {len(arch['classes'])} class names")
     model.preprocess, model.classes = arch["preprocess"], arch["classes"]
-    return model.to(device).eval()
+    return model.to(device)

@@ -25,16 +25,18 @@ name                   loss                                                     
 """
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .registry import Registry
+
 __all__ = [
-    "LOSS_NAMES",
     "LongTailLoss",
     "CrossEntropyLoss",
     "FocalLoss",
@@ -43,6 +45,8 @@ __all__ = [
     "LogitAdjustedLoss",
     "LDAMLoss",
     "build_loss",
+    "list_losses",
+    "register_loss",
     "validate_class_counts",
     "class_prior",
     "effective_number_weights",
@@ -418,35 +422,33 @@ class LDAMLoss(LongTailLoss):
 # ----------------------------------------------------------------------------------------------------------------
 # Factory
 # ----------------------------------------------------------------------------------------------------------------
-# name -> (class, allowed keyword arguments, fixed keyword arguments)
-_REGISTRY: dict[str, tuple[type[LongTailLoss], tuple[str, ...], dict[str, Any]]] = {
-    "ce": (CrossEntropyLoss, (), {}),
-    "focal": (FocalLoss, ("gamma",), {}),
-    "class_balanced": (ClassBalancedLoss, ("beta", "base", "gamma"), {}),
-    "balanced_softmax": (BalancedSoftmaxLoss, (), {}),
-    "logit_adjust": (LogitAdjustedLoss, ("tau", "mode"), {}),
-    "ldam_drw": (LDAMLoss, ("max_m", "s", "drw_epoch", "beta"), {}),
-    "ldam": (LDAMLoss, ("max_m", "s"), {"drw_epoch": None}),
-}
+LOSSES: Registry[Callable[..., LongTailLoss]] = Registry("loss.name")
+register_loss = LOSSES.register  # decorator registering a loss class or factory ``fn(class_counts, **hparams)``
+list_losses = LOSSES.names
+for _cls in (CrossEntropyLoss, FocalLoss, ClassBalancedLoss, BalancedSoftmaxLoss, LogitAdjustedLoss, LDAMLoss):
+    register_loss(_cls.name)(_cls)
 
-LOSS_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+@register_loss("ldam")
+def ldam(class_counts: Sequence[int], max_m: float = 0.5, s: float = 30.0) -> LDAMLoss:
+    """LDAM without deferred re-weighting (``ldam_drw`` with ``drw_epoch=None``)."""
+    return LDAMLoss(class_counts, max_m, s, drw_epoch=None)
 
 
 def build_loss(name: str, class_counts: Sequence[int], **kw: Any) -> LongTailLoss:
-    """Build the loss ``name`` (one of :data:`LOSS_NAMES`) for training counts ``class_counts``.
+    """Build the loss ``name`` (one of :func:`list_losses`) for training counts ``class_counts``.
 
     Hyperparameters are keyword arguments (see the module docstring for names and defaults). Raises
     ``ValueError`` for an unknown name, an unknown keyword, an invalid hyperparameter value, or class counts
     that are not all positive integers.
     """
     key = str(name).strip().lower()
-    if key not in _REGISTRY:
-        raise ValueError(f"unknown loss {name!r}; allowed: {', '.join(LOSS_NAMES)}")
-    cls, allowed, fixed = _REGISTRY[key]
+    factory = LOSSES.get(key)
+    allowed = [p for p in inspect.signature(factory).parameters if p != "class_counts"]
     unknown = sorted(set(kw) - set(allowed))
     if unknown:
         allowed_txt = ", ".join(allowed) if allowed else "none"
         raise ValueError(f"loss {key!r}: unknown keyword argument(s) {', '.join(unknown)}; allowed: {allowed_txt}")
-    loss = cls(class_counts, **fixed, **kw)
+    loss = factory(class_counts, **kw)
     loss.name = key
     return loss

@@ -82,6 +82,14 @@ class ChannelMasks:
         self._pairs = None
         self.enforce_weights()
 
+    def finish_decays(self) -> None:
+        """End every decay in progress at once: its channels join the hard mask and are zeroed."""
+        for d in self.decays:
+            self.keep[d.group][d.channels] = False
+        self.decays = []
+        self._pairs = None
+        self.enforce_weights()
+
     def step_decay(self) -> None:
         """Apply one progressive-zeroing step (call after each optimizer step)."""
         if not self.decays:

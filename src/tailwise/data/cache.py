@@ -3,8 +3,8 @@
 A split is cached under ``<cache_dir>/<key>/`` where ``key`` hashes the source's fingerprint (content checksum
 of a file, or the listing with sizes and mtimes of a directory) and the decode options. The entry holds
 ``images.npy`` (uint8 N x 3 x H x W), ``labels.npy``, and ``manifest.json`` (source, fingerprint, shape,
-SHA-256 of the arrays, file names, classes). A second run loads the arrays in well under a second; an entry
-whose checksum does not match is rebuilt.
+SHA-256 of the arrays, file names, classes, and the SHA-256 of all of that, so an edited manifest is caught too).
+A second run loads the arrays in well under a second; an entry whose checksums do not match is rebuilt.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import numpy as np
 
 from .sources import RawSplit
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the manifest is checksummed as a whole; archives with escaping member names are refused
 
 
 def default_cache_dir() -> Path:
@@ -54,6 +54,12 @@ def source_fingerprint(path: str | os.PathLike) -> str:
 
 def _array_sha256(arr: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(arr).data).hexdigest()
+
+
+def _manifest_sha256(manifest: dict) -> str:
+    """SHA-256 of every manifest entry but the checksum itself (canonical JSON)."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def cached_split(source: str, options: dict, build: Callable[[], RawSplit], cache_dir: str | os.PathLike | None = None,
@@ -88,7 +94,8 @@ def _load(entry: Path) -> RawSplit | None:
         images = np.load(entry / "images.npy")
         labels = np.load(entry / "labels.npy")
         # an empty or cut file raises EOFError; a manifest without a key raises KeyError / TypeError
-        if (list(images.shape) != manifest.get("shape") or images.dtype != np.uint8
+        if (manifest.get("manifest_sha256") != _manifest_sha256(manifest)
+                or list(images.shape) != manifest.get("shape") or images.dtype != np.uint8
                 or _array_sha256(images) != manifest.get("images_sha256")
                 or _array_sha256(labels) != manifest.get("labels_sha256")):
             return None
@@ -106,6 +113,7 @@ def _store(entry: Path, split: RawSplit, info: dict) -> None:
         manifest = {**info, "shape": list(split.images.shape), "dtype": "uint8",
                     "images_sha256": _array_sha256(split.images), "labels_sha256": _array_sha256(split.labels),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "classes": split.classes, "files": split.files}
+        manifest["manifest_sha256"] = _manifest_sha256(manifest)
         (tmp / "manifest.json").write_text(json.dumps(manifest))
         if entry.exists():
             shutil.rmtree(entry, ignore_errors=True)

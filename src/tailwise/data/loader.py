@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-SAMPLERS = ("instance", "class_balanced", "sqrt", "group_preferred")
+SAMPLERS = ("instance", "class_balanced", "sqrt", "inverse", "group_preferred")
 POLICIES = ("none", "randaugment", "autoaugment")
 
 
@@ -38,6 +38,8 @@ class Sampler:
     - ``instance``: a random permutation of the training set (each image once per epoch).
     - ``class_balanced``: class drawn uniformly, then an image of it uniformly (with replacement); N draws.
     - ``sqrt``: class drawn with probability proportional to sqrt(n_c), then an image uniformly; N draws.
+    - ``inverse``: class drawn with probability proportional to 1/n_c, then an image uniformly; N draws (DO's
+      per-class reading of p_3 = 1/N_y).
     - ``group_preferred``: every batch has ``round(rho * B)`` images drawn uniformly from the classes in
       ``group_classes`` and the rest uniformly from the other classes (DO's Eq. 1); N draws.
     """
@@ -49,7 +51,8 @@ class Sampler:
         self.labels, self.kind, self.seed, self.batch_size = labels.long(), kind, seed, batch_size
         self.num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
         counts = torch.bincount(self.labels, minlength=self.num_classes).double()
-        self.class_prob = {"class_balanced": (counts > 0).double(), "sqrt": counts.sqrt()}.get(kind)
+        self.class_prob = {"class_balanced": (counts > 0).double(), "sqrt": counts.sqrt(),
+                           "inverse": torch.where(counts > 0, 1 / counts, 0.0)}.get(kind)
         # images sorted by class, with offsets, so "uniform image of class c" is one gather
         self.order = torch.argsort(self.labels, stable=True)
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.long().cumsum(0)])

@@ -57,7 +57,11 @@ def decode_image(data: bytes, name: str, size: int | None) -> np.ndarray:
                 img = img.crop((left, top, left + size, top + size))
             arr = np.asarray(img, dtype=np.uint8)
     except decode_errors() as exc:
-        raise DataError(f"cannot decode image {name}: {exc}. Remove or replace the file.") from None
+        from PIL import UnidentifiedImageError
+
+        # PIL names the in-memory buffer (<_io.BytesIO object at 0x...>) where it cannot identify the format
+        reason = "not an image format PIL can read" if isinstance(exc, UnidentifiedImageError) else exc
+        raise DataError(f"cannot decode image {name}: {reason}. Remove or replace the file.") from None
     return arr.transpose(2, 0, 1)
 
 
@@ -89,8 +93,21 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _member_name(archive: Path, name: str) -> str:
+    """An archive member's path relative to the archive root (leading ``./`` removed); a :class:`DataError`
+    for an absolute name or one with a ``..`` part, which would place the file outside the tree."""
+    parts = name.split("/")
+    if name.startswith("/") or ".." in parts:
+        raise DataError(f"archive {archive} has a member named {name!r}, which points outside the archive "
+                        "(an absolute path or '..'); refusing to read the archive. Rebuild it with relative paths")
+    while parts[:1] == ["."]:
+        parts = parts[1:]
+    return "/".join(parts)
+
+
 class _Tree:
-    """A read-only view of an image-folder tree that is a directory or a .tar/.tar.gz archive."""
+    """A read-only view of an image-folder tree that is a directory or a .tar/.tar.gz archive. Archive member
+    names that leave the tree (absolute, ``..``) are refused (:func:`_member_name`)."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -109,14 +126,14 @@ class _Tree:
         tree records (archives without directory entries list none); they reveal class folders without images."""
         if self.is_archive:
             with tarfile.open(self.root) as tar:
-                members = tar.getmembers()
-            return ([m.name.lstrip("./") for m in members if m.isfile() and _is_image(m.name)],
-                    [m.name.lstrip("./").rstrip("/") for m in members if m.isdir()])
+                members = [(_member_name(self.root, m.name), m) for m in tar.getmembers()]
+            return ([name for name, m in members if m.isfile() and _is_image(name)],
+                    [name.rstrip("/") for name, m in members if m.isdir()])
         out, dirs = [], []
         for dirpath, dirnames, filenames in os.walk(self.root):
             rel = Path(dirpath).relative_to(self.root)
-            out.extend(str(rel / f).replace(os.sep, "/").lstrip("./") for f in filenames if _is_image(f))
-            dirs.extend(str(rel / d).replace(os.sep, "/").lstrip("./") for d in dirnames)
+            out.extend((rel / f).as_posix() for f in filenames if _is_image(f))
+            dirs.extend((rel / d).as_posix() for d in dirnames)
         return out, dirs
 
     def read(self, wanted: set[str]) -> Iterator[tuple[str, bytes]]:
@@ -124,7 +141,7 @@ class _Tree:
         if self.is_archive:
             with tarfile.open(self.root) as tar:
                 for member in tar:
-                    name = member.name.lstrip("./")
+                    name = _member_name(self.root, member.name)
                     if name in wanted:
                         handle = tar.extractfile(member)
                         yield name, handle.read() if handle else b""
@@ -177,6 +194,9 @@ def read_image_folder(root, split: str, size: int | None = None, classes: list[s
 
 
 # ------------------------------------------------------------------------------------------------ CIFAR pickles
+# what a malformed (but safely unpickled) CIFAR file raises while its entries are read
+_CIFAR_ERRORS = (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, IndexError, AttributeError)
+
 CIFAR_LAYOUTS = {
     10: {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"], "labels": b"labels",
          "meta": ("batches.meta", b"label_names"), "dir": "cifar-10-batches-py"},
@@ -185,8 +205,44 @@ CIFAR_LAYOUTS = {
 }
 
 
+def _numpy_globals() -> dict[str, object]:
+    """The numpy functions and classes a pickled array or scalar is rebuilt with (taken from live objects, so the
+    names of numpy 1 and 2 both resolve without importing numpy's deprecated ``numpy.core``)."""
+    arr = np.zeros(1, np.uint8)
+    return {"_reconstruct": arr.__reduce__()[0], "_frombuffer": arr.__reduce_ex__(5)[0],
+            "scalar": np.uint8(0).__reduce__()[0], "ndarray": np.ndarray, "dtype": np.dtype}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR batch holds: dicts, lists, str/bytes, numbers and numpy arrays. Every other
+    global (a function or class a crafted file would call) is refused before it is looked up, so no code from
+    the file runs; the refusal is an :class:`pickle.UnpicklingError` naming the global."""
+
+    NUMPY_MODULES = ("numpy", "numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.numeric",
+                     "numpy._core.numeric")
+
+    def find_class(self, module: str, name: str):
+        if module == "_codecs" and name == "encode":  # bytes pickled by Python 3 at protocol 2
+            import codecs
+
+            return codecs.encode
+        numpy_globals = _numpy_globals()
+        if module in self.NUMPY_MODULES and name in numpy_globals:
+            return numpy_globals[name]
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR file never holds (only dicts, "
+                                     "lists, strings, bytes, numbers and numpy arrays are read)")
+
+
+def _load_cifar_pickle(path: Path):
+    """The object in the CIFAR pickle ``path``, read with :class:`_CifarUnpickler`."""
+    with open(path, "rb") as fh:
+        return _CifarUnpickler(fh, encoding="bytes").load()
+
+
 def read_cifar_pickles(root, num_classes: int, split: str) -> RawSplit:
-    """Read the CIFAR-10/100 python pickles (``data_batch_*``/``test_batch`` or ``train``/``test``)."""
+    """Read the CIFAR-10/100 python pickles (``data_batch_*``/``test_batch`` or ``train``/``test``). The files
+    are unpickled with :class:`_CifarUnpickler`: one that refers to anything but plain data is refused with a
+    :class:`DataError`, and no code from it runs."""
     layout = CIFAR_LAYOUTS[num_classes]
     root = Path(root)
     if (root / layout["dir"]).is_dir():
@@ -197,17 +253,19 @@ def read_cifar_pickles(root, num_classes: int, split: str) -> RawSplit:
         if not path.is_file():
             raise DataError(f"CIFAR-{num_classes} pickle {path} not found (expected the python version's files)")
         try:
-            with open(path, "rb") as fh:
-                entry = pickle.load(fh, encoding="bytes")
+            entry = _load_cifar_pickle(path)
             images.append(np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.append(np.asarray(entry[layout["labels"]], dtype=np.int64))
-        except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as exc:
+        except _CIFAR_ERRORS as exc:
             raise DataError(f"CIFAR pickle {path} is corrupt or not a CIFAR-{num_classes} file: {exc}") from None
     meta_file, meta_key = layout["meta"]
     classes = [str(i) for i in range(num_classes)]
     if (root / meta_file).is_file():
-        with open(root / meta_file, "rb") as fh:
-            classes = [c.decode() for c in pickle.load(fh, encoding="bytes")[meta_key]]
+        try:
+            classes = [c.decode() for c in _load_cifar_pickle(root / meta_file)[meta_key]]
+        except _CIFAR_ERRORS as exc:
+            raise DataError(f"CIFAR pickle {root / meta_file} is corrupt or not a CIFAR-{num_classes} file: "
+                            f"{exc}") from None
     images_arr, labels_arr = np.concatenate(images), np.concatenate(labels)
     files = [f"{layout[split][0]}#{i}" for i in range(len(labels_arr))]
     return RawSplit(images_arr, labels_arr, files, classes)
@@ -229,20 +287,43 @@ def parse_list_line(line: str) -> tuple[str, int] | None:
     return parts[0], int(parts[1])
 
 
+def leaves_root(path: str) -> bool:
+    """Whether a list file's image path points outside the image root: an absolute path, or one with a ``..``
+    part. Such entries are refused; the root's own symbolic links are followed as they are."""
+    return Path(path).is_absolute() or ".." in Path(path).parts
+
+
+def _list_lines(list_file: Path) -> list[str]:
+    """The lines of a list file decoded as UTF-8; a :class:`DataError` naming the line of the first byte that
+    is not UTF-8."""
+    data = list_file.read_bytes()
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        lineno = data[:exc.start].count(b"\n") + 1
+        raise DataError(f"{list_file}:{lineno}: not UTF-8 text (byte 0x{data[exc.start]:02x}); list files must be "
+                        "UTF-8. List every problem with `tailwise data verify`") from None
+
+
 def list_file_entries(list_file, image_root, num_classes: int | None = None) -> RawSplit:
     """The entries of an ImageNet-LT / Places-LT / iNaturalist-2018 split file (``<relative path> <label>`` per
-    line), checked (form, label range, files present under ``image_root``) but not decoded: ``images`` is None."""
+    line, UTF-8), checked (form, label range, paths confined to ``image_root`` (:func:`leaves_root`), files present
+    there) but not decoded: ``images`` is None."""
     list_file = Path(list_file)
     if not list_file.is_file():
         raise DataError(f"list file {list_file} not found")
     paths, labels = [], []
-    for lineno, line in enumerate(list_file.read_text().splitlines(), 1):
+    for lineno, line in enumerate(_list_lines(list_file), 1):
         if not line.strip():
             continue
         entry = parse_list_line(line)
         if entry is None:
             raise DataError(f"{list_file}:{lineno}: expected '<relative path> <label>', got {line!r}")
         path, label = entry
+        if leaves_root(path):
+            raise DataError(f"{list_file}:{lineno}: image path {path!r} points outside the image root {image_root} "
+                            "(absolute or '..'); list files name images relative to data.root. List every problem "
+                            "with `tailwise data verify`")
         if label < 0 or (num_classes is not None and label >= num_classes):
             raise DataError(f"{list_file}:{lineno}: label {label} out of range [0, {num_classes}) for {path}")
         paths.append(path)

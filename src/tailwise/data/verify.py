@@ -3,8 +3,10 @@ before a long streamed run trips over a bad one.
 
 Each line must read ``<relative path> <label>`` (:func:`~tailwise.data.sources.parse_list_line`), the label must
 lie in ``[0, num_classes)`` (``num_classes`` given, or one more than the largest label of the first list, the
-training list), and the image must exist under the image root and decode completely (PIL ``verify`` and a full
-``load``). Images are checked in a process pool; an image listed twice is checked once.
+training list), the path must stay inside the image root (not absolute, no ``..`` part; such an entry is reported
+as "outside root" and its file is never opened), and the image must exist under the image root and decode
+completely (PIL ``verify`` and a full ``load``). Images are checked in a process pool; an image listed twice is
+checked once.
 """
 from __future__ import annotations
 
@@ -15,9 +17,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..errors import DataError
-from .sources import parse_list_line
+from .sources import leaves_root, parse_list_line
 
-KINDS = ("missing", "corrupt", "malformed", "label out of range")
+KINDS = ("missing", "corrupt", "malformed", "label out of range", "outside root")
 
 
 @dataclass
@@ -118,7 +120,10 @@ def verify_lists(lists: Sequence[str | Path], root: str | Path, num_classes: int
             if label < 0 or (num_classes is not None and label >= num_classes):
                 report.problems.append(Problem("label out of range", where, path,
                                                f"label {label} not in [0, {num_classes})"))
-            where_of.setdefault(path, []).append(where)
+            if leaves_root(path):
+                report.problems.append(Problem("outside root", where, path, "absolute or '..' path; not read"))
+            else:
+                where_of.setdefault(path, []).append(where)
     paths = list(where_of)
     report.images = len(paths)
     for path, result in zip(paths, _check_all([str(root / p) for p in paths], workers, progress)):

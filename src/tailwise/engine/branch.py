@@ -19,7 +19,8 @@ from pathlib import Path
 
 from ..config import Config, load_config
 from ..errors import ConfigError, TailwiseError
-from .checkpoint import atomic_write_json, atomic_write_text, load_checkpoint
+from ..atomic import atomic_write_json, atomic_write_text
+from .checkpoint import load_checkpoint
 
 # sections (and run keys) that determine the training trajectory and must match between source and branch
 MATCHED_SECTIONS = ("data", "model", "loss", "train")
@@ -57,10 +58,7 @@ def load_branch_point(path: str | Path, cfg: Config, first_active_epoch: int) ->
     if diffs:
         raise ConfigError(f"--branch-from {path}: the source run trained differently, so the branch would not equal "
                           "a run from scratch: " + "; ".join(diffs))
-    try:
-        state = load_checkpoint(path, "cpu")
-    except Exception as exc:  # a truncated or foreign file
-        raise TailwiseError(f"--branch-from {path}: not a readable tailwise checkpoint ({exc})") from None
+    state = load_checkpoint(path, "cpu")  # a cut, foreign or code-carrying file: a TrainingError naming it
     if state.get("loader", {}).get("position", 0):
         raise ConfigError(f"--branch-from {path}: a mid-epoch checkpoint; branch from an end-of-epoch one")
     epoch = int(state["epoch"])

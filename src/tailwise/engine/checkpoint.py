@@ -1,42 +1,22 @@
 """Atomic checkpoints and the RNG state needed for exact resume.
 
 Files are written to a temporary name in the same folder and renamed, so a crash never leaves a half-written
-checkpoint or result. Checkpoints hold only tensors and primitives (loadable with ``weights_only=True``).
+checkpoint or result. Checkpoints hold only tensors and primitives and are read with ``weights_only=True``: a file
+that refers to anything else is refused unread, and no code from it runs.
 """
 from __future__ import annotations
 
-import json
 import os
+import pickle
 import random
-import tempfile
-from pathlib import Path
+import re
+import warnings
 
 import numpy as np
 import torch
 
-
-def atomic_write_bytes(path: str | os.PathLike, write) -> None:
-    """Call ``write(fileobj)`` on a temporary file beside ``path``, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, lambda fh: fh.write(text.encode()))
-
-
-def atomic_write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+from ..atomic import atomic_write_bytes
+from ..errors import TrainingError
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
@@ -44,7 +24,29 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """The checkpoint dict at ``path``, read with ``weights_only=True``. A missing, cut, overwritten or foreign file,
+    or one that refers to Python code, raises :class:`TrainingError` naming the file and what to do; torch's own
+    text (which suggests ``weights_only=False``) is never passed on."""
+    advice = "delete it to restart from scratch, or restore it from a copy"
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the refusal below says what matters
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise TrainingError(f"checkpoint {path} does not exist") from None
+    except pickle.UnpicklingError as exc:
+        code = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if code:
+            raise TrainingError(f"checkpoint {path} refers to Python code ({code.group(1)}), which a tailwise "
+                                "checkpoint never does; it was refused unread and nothing in it ran. Do not use this "
+                                f"file: {advice}") from None
+        raise TrainingError(f"checkpoint {path} is corrupt (not a tailwise checkpoint); {advice}") from None
+    except Exception:  # noqa: BLE001 -- a cut or overwritten file fails anywhere in torch's reader
+        raise TrainingError(f"checkpoint {path} is corrupt (cut short or overwritten); {advice}") from None
+    if not isinstance(state, dict):
+        raise TrainingError(f"checkpoint {path} is not a tailwise checkpoint (it holds a {type(state).__name__}); "
+                            f"{advice}")
+    return state
 
 
 def rng_state() -> dict:

@@ -5,6 +5,9 @@ import json
 import sys
 from pathlib import Path
 
+from ..errors import TrainingError
+from ..atomic import atomic_write_text
+
 
 class MetricsLog:
     """Appends one JSON object per epoch to ``metrics.jsonl``; mirrors scalars to TensorBoard if asked.
@@ -23,12 +26,27 @@ class MetricsLog:
                 self.writer = SummaryWriter(str(tensorboard_dir))
 
     def truncate_after(self, epoch: int) -> None:
-        """Drop records of epochs >= ``epoch`` (written after the checkpoint a resume starts from)."""
+        """Drop records of epochs >= ``epoch`` (written after the checkpoint a resume starts from), and a cut last
+        line (a write interrupted by a kill; its epoch is never before the checkpoint's). Any other line that is not
+        a JSON record raises :class:`TrainingError` naming it. The file is rewritten atomically."""
         if not self.enabled or not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("epoch", -1) < epoch]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        lines = [line for line in self.path.read_text(errors="replace").splitlines() if line.strip()]
+        keep = []
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                if number == len(lines):
+                    break
+                raise TrainingError(f"{self.path} line {number} is not a JSON record (the file was edited or "
+                                    "damaged); restore it or remove that line, then resume again") from None
+            if not isinstance(record, dict) or not isinstance(record.get("epoch", -1), int):
+                raise TrainingError(f"{self.path} line {number} is not an epoch record; restore it or remove that "
+                                    "line, then resume again")
+            if record.get("epoch", -1) < epoch:
+                keep.append(line)
+        atomic_write_text(self.path, "".join(line + "\n" for line in keep))
 
     def write(self, record: dict) -> None:
         if not self.enabled:

@@ -15,7 +15,6 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -25,8 +24,8 @@ from torch import nn
 
 from .. import __version__
 from ..compress.cost import count_macs, count_params
-from ..config import Config, dump_config
-from ..data.dataset import LongTailData, build_data
+from ..config import Config
+from ..data.dataset import build_data
 from ..data.factory import make_train_loader
 from ..data.stats import normalization
 from ..deploy import _resize_to, save_model
@@ -34,57 +33,20 @@ from ..errors import TrainingError
 from ..eval.evaluate import evaluate_split
 from ..losses import build_loss
 from ..methods import Method, build_method
+from ..methods.context import MethodContext
 from ..models import build_model
 from .branch import copy_source_metrics, load_branch_point, read_branch_record, write_branch_record
 from .dist import Dist, use_global_batchnorm
-from .checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
+from ..atomic import atomic_write_json
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 from .log import MetricsLog, format_groups, progress_mode
+from .rundir import config_record, read_resume_checkpoint
+from .precision import DTYPES, resolve_precision
 from .schedule import LRSchedule
 
 
 class Interrupted(Exception):
     """Raised after a checkpoint was saved because SIGINT/SIGTERM arrived."""
-
-
-@dataclass
-class TrainContext:
-    """What a method sees. ``rebuild_optimizer`` must be called after a method replaces parameter tensors."""
-
-    cfg: Config
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    loss_fn: nn.Module
-    data: LongTailData
-    device: torch.device
-    trainer: "Trainer"
-    epoch: int = 0
-    step: int = 0
-    extras: dict = field(default_factory=dict)
-    batch_share: float = 1.0  # this process's loss weight in the current step (engine.dist rule 1); 1 alone
-
-    @property
-    def dist(self) -> Dist:
-        """The data-parallel job (:mod:`tailwise.engine.dist`); a single process unless run under torchrun."""
-        return self.trainer.dist
-
-    def rebuild_optimizer(self, carry: dict | None = None) -> None:
-        """New optimizer over ``model.parameters()``; parameters that survived keep their state, and
-        ``carry`` maps new parameters to the state they should start from (e.g. sliced momentum)."""
-        old = self.optimizer
-        if self.dist.enabled:  # surgery may have created plain BatchNorm layers
-            use_global_batchnorm(self.model)
-        self.optimizer = self.trainer.make_optimizer(self.model)
-        for group_new, group_old in zip(self.optimizer.param_groups, old.param_groups):
-            group_new["lr"] = group_old["lr"]
-        for p in self.model.parameters():
-            if carry and p in carry:
-                self.optimizer.state[p] = carry[p]
-            elif p in old.state:
-                self.optimizer.state[p] = old.state[p]
-        self.trainer.optimizer = self.optimizer
-
-    def evaluate(self, split: str = "val") -> dict | None:
-        return self.trainer.evaluate(split)
 
 
 def _pick_device(setting: str) -> torch.device:
@@ -117,7 +79,6 @@ class Trainer:
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         self.device = _pick_device(device or cfg.run.device)
-        self.channels_last = cfg.train.channels_last  # NHWC, unless a method switches back (use_contiguous_format)
         seed_everything(cfg.run.seed)
         if not self.dist.is_main:
             self.dist.barrier()  # rank 0 decodes first and fills the shared decode cache; the others then read it
@@ -128,17 +89,23 @@ class Trainer:
         counts = d.class_counts
         self.loss_fn = build_loss(cfg.loss.name, counts, **cfg.loss.kwargs()).to(self.device)
         normed = cfg.model.normed_head if cfg.model.normed_head is not None else self.loss_fn.requires_normed_head
-        self.model = self._place(build_model(cfg.model.name, d.num_classes, normed_head=normed))
+        model = build_model(cfg.model.name, d.num_classes, normed_head=normed)
         self.mean, self.std = normalization(d.train, cfg.data, self.log)  # data.mean/std, else of the data
-        self.optimizer = self.make_optimizer(self.model)
         self.schedule = LRSchedule.from_config(t)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=t.amp and self.device.type == "cuda")
+        self.precision = resolve_precision(t.precision, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.train_loader = make_train_loader(d.train, cfg, self.mean, self.std, self.device, self.dist.rank,
                                               self.dist.world)
         self.method: Method = build_method(cfg.method)
-        self.ctx = TrainContext(cfg, self.model, self.optimizer, self.loss_fn, d, self.device, self)
+        self.ctx = MethodContext(cfg, model, None, self.loss_fn, d, self.device, self.train_loader, self.scaler,
+                                 self.dist, self.mean, self.std, channels_last=t.channels_last, precision=DTYPES[self.precision],
+                                 _rebuild_optimizer=self.rebuild_optimizer, _evaluate=self.evaluate,
+                                 _place=self.place, _train_step=self.train_step,
+                                 _log=self.log)
+        self.place(model)  # NHWC unless a method switches back (place(..., contiguous=True))
+        self.ctx.optimizer = self.make_optimizer(model)
         example = d.train.example(1).float().to(self.device)  # the base architecture's cost, before a method adds to it
-        self.dense_cost = {"params": count_params(self.model), "macs": count_macs(self.model, example)}
+        self.dense_cost = {"params": count_params(model), "macs": count_macs(model, example)}
         self.method.setup(self.ctx)
         self.start_epoch, self.best, self.elapsed = 0, None, 0.0
         self.epoch_stats = {"loss": 0.0, "correct": 0, "seen": 0, "counted": 0}
@@ -146,20 +113,34 @@ class Trainer:
                                   enabled=self.dist.is_main)
 
     # ---------------------------------------------------------------------------------------------- pieces
-    def _place(self, model: nn.Module) -> nn.Module:
-        """Move ``model`` to the run's device and memory format (in place; returned for convenience)."""
+    def place(self, model: nn.Module, contiguous: bool = False) -> nn.Module:
+        """Move ``model`` to the run's device and memory format (in place; returned for convenience).
+
+        ``contiguous=True`` trains and evaluates in NCHW from now on (model, batches). Pruning asks for it after
+        the shrink: on CPU, torch 2.14's channels-last convolution backward corrupts memory for some irregular
+        channel widths at odd batch sizes (e.g. a pruned ResNet-20 at batch 107 with 2 threads; dense widths are
+        unaffected)."""
+        if contiguous:
+            self.ctx.channels_last = self.train_loader.channels_last = False
         model.to(self.device)
         if self.dist.enabled:
             use_global_batchnorm(model)
-        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+        fmt = torch.channels_last if self.ctx.channels_last else torch.contiguous_format
+        return model.to(memory_format=fmt)
 
-    def use_contiguous_format(self) -> None:
-        """Train and evaluate in NCHW from now on (model, batches). Pruning calls this after the shrink: on CPU,
-        torch 2.14's channels-last convolution backward corrupts memory for some irregular channel widths at odd
-        batch sizes (e.g. a pruned ResNet-20 at batch 107 with 2 threads; dense widths are unaffected)."""
-        self.channels_last = False
-        self.train_loader.channels_last = False
-        self.ctx.model.to(memory_format=torch.contiguous_format)
+    def rebuild_optimizer(self, carry: dict | None = None) -> None:
+        """New optimizer over the model's parameters (:meth:`MethodContext.rebuild_optimizer`)."""
+        ctx, old = self.ctx, self.ctx.optimizer
+        if self.dist.enabled:  # surgery may have created plain BatchNorm layers
+            use_global_batchnorm(ctx.model)
+        ctx.optimizer = self.make_optimizer(ctx.model)
+        for group_new, group_old in zip(ctx.optimizer.param_groups, old.param_groups):
+            group_new["lr"] = group_old["lr"]
+        for p in (p for group in ctx.optimizer.param_groups for p in group["params"]):  # a method may leave some out
+            if carry and p in carry:
+                ctx.optimizer.state[p] = carry[p]
+            elif p in old.state:
+                ctx.optimizer.state[p] = old.state[p]
 
     def replicated_state(self) -> list[torch.Tensor | None]:
         """Weights, buffers and SGD momentum: what every process of a data-parallel run must hold identically
@@ -171,20 +152,22 @@ class Trainer:
 
     def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         t = self.cfg.train
-        return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
-                               nesterov=t.nesterov)
+        return torch.optim.SGD(self.method.param_groups(model), lr=t.lr, momentum=t.momentum,
+                               weight_decay=t.weight_decay, nesterov=t.nesterov)
 
-    def evaluate(self, split: str) -> dict | None:
-        """Accuracy summary (overall, per group, balanced, per class) of ``split`` with the method's predict."""
+    def evaluate(self, split: str, predict: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict | None:
+        """Accuracy summary (overall, per group, balanced, per class) of ``split`` with the method's predict, or
+        with ``predict`` where given (:meth:`MethodContext.evaluate`)."""
         data = {"val": self.data.val, "test": self.data.test, "train": self.data.train}[split]
         if data is None:
             return None
         was_training = self.ctx.model.training
         self.ctx.model.eval()
         try:
-            return evaluate_split(lambda x: self.method.predict(self.ctx, x), data, self.data.groups, self.mean,
+            predict = predict or (lambda x: self.method.predict(self.ctx, x))
+            return evaluate_split(predict, data, self.data.groups, self.mean,
                                   self.std, self.cfg.train.eval_batch_size, self.device, self.loss_fn.adjust_logits,
-                                  self.cfg.train.amp, self.channels_last, self.dist, self.cfg.run.workers)
+                                  self.ctx.precision, self.ctx.channels_last, self.dist, self.cfg.run.workers)
         finally:
             self.ctx.model.train(was_training)
 
@@ -194,21 +177,27 @@ class Trainer:
                 "scaler": self.scaler.state_dict(), "epoch": epoch, "loader": self.train_loader.state_dict(),
                 "rng": rng_state(), "method": self.method.state_dict(), "best": self.best,
                 "elapsed": self.elapsed, "epoch_stats": dict(self.epoch_stats), "step": self.ctx.step,
-                "normalization": {"mean": list(self.mean), "std": list(self.std)}}
+                "normalization": {"mean": list(self.mean), "std": list(self.std)}, **config_record(self.cfg)}
 
     def save(self, epoch: int) -> None:
         if self.dist.is_main:
             save_checkpoint(self.out / "checkpoints" / "last.pt", self._state(epoch))
 
-    def resume(self) -> None:
+    def resume(self, state: dict | None = None) -> None:
+        """Continue from ``checkpoints/last.pt``: ``state`` when the caller has read it already, else read here
+        (:func:`.rundir.read_resume_checkpoint` refuses an unreadable one or one trained under another config).
+        A checkpoint that does not fit this run's model and method raises :class:`TrainingError`."""
         path = self.out / "checkpoints" / "last.pt"
-        if not path.is_file():
-            raise TrainingError(f"cannot resume: {path} does not exist (the run never finished an epoch)")
-        state = load_checkpoint(path, "cpu")  # RNG states must stay on the CPU; load_state_dict moves the rest
-        _resize_to(self.ctx.model, state["model"])  # a method may have changed layer shapes (shrink, growth)
-        self._place(self.ctx.model)
-        self.method.load_state_dict(state["method"])
-        self._load_training_state(state)
+        state = read_resume_checkpoint(self.out, self.cfg) if state is None else state
+        try:
+            _resize_to(self.ctx.model, state["model"])  # a method may have changed layer shapes (shrink, growth)
+            self.place(self.ctx.model)
+            self.method.load_state_dict(state["method"])
+            self._load_training_state(state)
+        except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as exc:
+            raise TrainingError(f"checkpoint {path} does not fit this run ({' '.join(str(exc).split())[:300]}); it was "
+                                "written by another version of tailwise or altered. Delete it to restart from "
+                                "scratch") from None
         self.log(f"resumed {self.out} at epoch {self.start_epoch}"
                  + (f", batch {self.train_loader.position}" if self.train_loader.position else ""))
 
@@ -243,6 +232,48 @@ class Trainer:
         self.log("signal received: saving a checkpoint after this batch")
 
     # ------------------------------------------------------------------------------------------------ loop
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int, int | None]:
+        """One optimizer step on this process's batch: the method's loss (or the loss function's), backward,
+        gradient averaging over processes, the method's hooks, clipping, the SGD step. Returns the summed loss,
+        the number of images and the correct predictions over all processes (None where the method computed
+        its loss without handing back logits)."""
+        ctx, t = self.ctx, self.cfg.train
+        if self.dist.enabled:  # engine.dist rule 1: this process's part of the global batch's loss
+            weight = self.loss_fn.batch_weight(y)
+            ctx.batch_share = weight * self.dist.world / self.dist.totals([weight])[0]
+        with ctx.autocast(), self.dist.data_parallel():
+            loss, logits = self.method.training_loss(ctx, x, y), None
+            if isinstance(loss, tuple):  # the method also hands back the logits it computed
+                loss, logits = loss
+            if loss is None:
+                logits = ctx.model(x)
+                loss = self.loss_fn(logits.float(), y)
+            ctx.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss * ctx.batch_share if self.dist.enabled else loss).backward()
+        correct = int((logits.argmax(1) == y).sum()) if logits is not None else 0
+        loss_sum, seen, correct = self.dist.sync_step(  # gradients averaged over processes
+            list(ctx.model.parameters()), [float(loss.detach()) * len(y), len(y), correct])
+        if not math.isfinite(loss_sum):
+            raise TrainingError(f"the training loss became {loss_sum / seen} at epoch {ctx.epoch + 1}, step {ctx.step}; "
+                                "lower train.lr or enable train.grad_clip. "
+                                + (f"The last good checkpoint is kept in {self.out / 'checkpoints'}"
+                                   if (self.out / "checkpoints" / "last.pt").is_file()
+                                   else "No epoch had finished, so there is no checkpoint to keep"))
+        self.method.after_backward(ctx)
+        if t.grad_clip:
+            self.scaler.unscale_(ctx.optimizer)
+            nn.utils.clip_grad_norm_(ctx.model.parameters(), t.grad_clip)
+        self.scaler.step(ctx.optimizer)
+        self.scaler.update()
+        self.method.after_step(ctx)
+        return loss_sum, int(seen), (int(correct) if logits is not None else None)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """:meth:`MethodContext.train_step`: one step outside the epoch loop (e.g. DO's retraining); the batch's
+        mean loss."""
+        loss_sum, seen, _ = self._step(x, y)
+        return loss_sum / seen
+
     def train_epoch(self, epoch: int) -> dict:
         ctx, t = self.ctx, self.cfg.train
         ctx.epoch = epoch
@@ -261,38 +292,13 @@ class Trainer:
             bar = tqdm(total=len(self.train_loader), initial=self.train_loader.position,
                        desc=f"epoch {epoch + 1}/{t.epochs}", leave=False, dynamic_ncols=True)
         for x, y in self.train_loader:
-            if self.dist.enabled:  # engine.dist rule 1: this process's part of the global batch's loss
-                weight = self.loss_fn.batch_weight(y)
-                ctx.batch_share = weight * self.dist.world / self.dist.totals([weight])[0]
-            with torch.autocast(self.device.type, enabled=t.amp), self.dist.data_parallel():
-                loss, logits = self.method.training_loss(ctx, x, y), None
-                if isinstance(loss, tuple):  # the method also hands back the logits it computed
-                    loss, logits = loss
-                if loss is None:
-                    logits = ctx.model(x)
-                    loss = self.loss_fn(logits.float(), y)
-                ctx.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss * ctx.batch_share if self.dist.enabled else loss).backward()
-            correct = int((logits.argmax(1) == y).sum()) if logits is not None else 0
-            loss_sum, seen, correct = self.dist.sync_step(  # gradients averaged over processes
-                list(ctx.model.parameters()), [float(loss.detach()) * len(y), len(y), correct])
-            if not math.isfinite(loss_sum):
-                raise TrainingError(f"the training loss became {loss_sum / seen} at epoch {epoch + 1}, step {ctx.step}; "
-                                    "lower train.lr or enable train.grad_clip. The last good checkpoint is kept "
-                                    f"in {self.out / 'checkpoints'}")
-            self.method.after_backward(ctx)
-            if t.grad_clip:
-                self.scaler.unscale_(ctx.optimizer)
-                nn.utils.clip_grad_norm_(ctx.model.parameters(), t.grad_clip)
-            self.scaler.step(ctx.optimizer)
-            self.scaler.update()
-            self.method.after_step(ctx)
-            ctx.step += 1
+            loss_sum, seen, correct = self._step(x, y)
+            ctx.step += 1  # the loop's batches only (train_step's extra steps, e.g. DO's retraining, do not count)
             stats["loss"] += loss_sum
-            stats["seen"] += int(seen)
-            if logits is not None:
-                stats["correct"] += int(correct)
-                stats["counted"] += int(seen)
+            stats["seen"] += seen
+            if correct is not None:
+                stats["correct"] += correct
+                stats["counted"] += seen
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats['loss'] / stats['seen']:.4f}", lr=f"{lr:.4g}")
@@ -357,7 +363,7 @@ class Trainer:
         model = copy.deepcopy(current_model)
         _resize_to(model, best["model"])
         model.load_state_dict(best["model"])
-        self.ctx.model = self._place(model)
+        self.ctx.model = self.place(model)
         self.method.load_state_dict(best["method"])
         try:
             return {**self.best, "accuracy": self.evaluate("test")}
@@ -396,6 +402,7 @@ class Trainer:
             "model": cfg.model.name,
             "epochs": cfg.train.epochs,
             "seed": cfg.run.seed,
+            "precision": self.precision,
             "time_s": round(self.elapsed, 2),
             "versions": _versions(),
         }
@@ -411,10 +418,3 @@ class Trainer:
         self.dist.barrier()  # every process returns once the run is complete on disk
         return result
 
-
-def prepare_run_dir(cfg: Config, out: Path) -> None:
-    """Create the run directory and write ``config.yaml``; refuse to overwrite another run."""
-    if out.exists() and any(out.iterdir()):
-        raise TrainingError(f"{out} already contains files; choose another --out or continue it with --resume {out}")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", dump_config(cfg))

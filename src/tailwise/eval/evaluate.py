@@ -14,16 +14,17 @@ from .metrics import summarize
 
 def evaluate_split(predict: Callable[[torch.Tensor], torch.Tensor], split: Split, groups: ShotGroups,
                    mean, std, batch_size: int = 512, device="cpu", adjust: Callable | None = None,
-                   amp: bool = False, channels_last: bool = False, dist=None, workers: int = 0) -> dict:
+                   precision: torch.dtype | None = None, channels_last: bool = False, dist=None, workers: int = 0) -> dict:
     """Accuracy summary of ``argmax(adjust(predict(x)))`` over ``split`` (in order, unaugmented). In a
     data-parallel run (``dist``, :class:`tailwise.engine.dist.Dist`) every process predicts its
     ``rank_slice`` of the split and the predictions are gathered in order, so every process gets the summary
-    of the whole split, each image counted once. ``workers`` decoding processes serve a streamed split."""
+    of the whole split, each image counted once. ``workers`` decoding processes serve a streamed split;
+    ``precision`` is the autocast dtype of the forward passes (None: full precision)."""
     rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
     loader = make_eval_loader(split, batch_size, mean, std, device, channels_last, workers, rank=rank, world=world)
     device = torch.device(device)
     preds = []
-    with torch.no_grad(), torch.autocast(device.type, enabled=amp):
+    with torch.no_grad(), torch.autocast(device.type, dtype=precision, enabled=precision is not None):
         for x, _ in loader:
             logits = predict(x).float()
             preds.append((adjust(logits) if adjust is not None else logits).argmax(1))

@@ -1,4 +1,6 @@
-"""Report plots (matplotlib, Agg backend, PNG). Every function takes already-loaded run data and writes one file.
+"""Report plots (matplotlib, Agg backend, PNG). Every function takes already-loaded report data and writes one file:
+the plots of several rows take :class:`tailwise.eval.report.Row` objects (means over seeds, sample-sd error bars),
+the per-run plots one :class:`tailwise.eval.report.RunData`.
 
 Each plot function returns the path it wrote, or ``None`` when the runs carry nothing to plot (e.g. no
 ``ltap_alpha`` records), so the report lists exactly the files that exist.
@@ -15,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 GROUP_COLORS = {"many": "#1f77b4", "medium": "#ff7f0e", "few": "#d62728", "all": "#444444"}
 GROUP_LABELS = {"many": "Head (many)", "medium": "Medium", "few": "Tail (few)", "all": "All"}
+GROUP_COLUMNS = {"many": "head", "medium": "medium", "few": "tail", "all": "all"}  # the report's column names
 DPI = 110
 
 
@@ -30,42 +33,51 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def per_class_vs_count(runs, path: Path) -> Path | None:
-    """Per-class test accuracy against the class's training count (log x), one series per run."""
-    usable = [r for r in runs if r.per_class and r.class_counts and len(r.per_class) == len(r.class_counts)]
+def _spread(stats) -> list[float] | None:
+    """Error-bar half-lengths: the sample sd of each Stat (0 where n < 2); None when no Stat has an sd."""
+    return [st.sd or 0.0 for st in stats] if any(st.sd for st in stats) else None
+
+
+def per_class_vs_count(rows, path: Path) -> Path | None:
+    """Per-class test accuracy against the class's training count (log x), one series per row: the mean over the
+    row's seeds, with sample-sd error bars."""
+    usable = [row for row in rows if row.per_class]
     if not usable:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     markers = "os^Dv<>pP*Xh"
-    for i, r in enumerate(usable):
-        pairs = sorted(zip(r.class_counts, r.per_class))
-        ax.plot([p[0] for p in pairs], [p[1] for p in pairs], marker=markers[i % len(markers)], ms=4,
-                lw=1, alpha=0.85, label=r.label)
+    for i, row in enumerate(usable):
+        pairs = sorted(zip(row.first.class_counts, row.per_class), key=lambda p: p[0])
+        stats = [p[1] for p in pairs]
+        ax.errorbar([p[0] for p in pairs], [st.mean for st in stats], yerr=_spread(stats),
+                    marker=markers[i % len(markers)], ms=4, lw=1, alpha=0.85, capsize=2, label=row.label)
     ax.set_xscale("log")
     ax.set_xlabel("training images of the class (log scale)")
-    ax.set_ylabel("test accuracy of the class (%)")
+    ax.set_ylabel("test accuracy of the class (%; mean ± sd over seeds)")
     ax.set_title("Per-class accuracy vs class frequency")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     return _save(fig, path)
 
 
-def group_bars(runs, path: Path) -> Path | None:
-    """Head / Medium / Tail / All accuracy bars, one bar per run in each group."""
-    if not runs:
+def group_bars(rows, path: Path) -> Path | None:
+    """Head / Medium / Tail / All accuracy bars, one bar per row in each group: the mean over the row's seeds, with
+    sample-sd error bars."""
+    if not rows:
         return None
     groups = ["many", "medium", "few", "all"]
-    n = len(runs)
+    n = len(rows)
     width = 0.8 / n
     fig, ax = plt.subplots(figsize=(max(6.5, 1.6 * len(groups) + 0.3 * n), 4.5))
-    for i, r in enumerate(runs):
+    for i, row in enumerate(rows):
         xs = [g + (i - (n - 1) / 2) * width for g in range(len(groups))]
-        vals = [r.acc.get(k) if r.acc.get(k) is not None else 0.0 for k in groups]
-        bars = ax.bar(xs, vals, width=width * 0.95, label=r.label)
+        stats = [row.stat(GROUP_COLUMNS[g]) for g in groups]
+        bars = ax.bar(xs, [st.mean if st.mean is not None else 0.0 for st in stats], width=width * 0.95,
+                      yerr=_spread(stats), capsize=2, label=row.label)
         if n <= 6:
             ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=1)
     ax.set_xticks(range(len(groups)), [GROUP_LABELS[g] for g in groups])
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("test accuracy (%; mean ± sd over seeds)")
     ax.set_xlabel("class group")
     ax.set_ylim(0, 115)
     ax.set_title("Accuracy per class group")
@@ -188,46 +200,55 @@ def kernel_mask(run, path: Path, layer: str | None = None) -> Path | None:
 
 
 def ltap_alpha(run, path: Path) -> Path | None:
-    """LT-Vote criterion weights alpha over epochs (one line per criterion), pruning stages marked."""
-    recs = [m for m in run.metrics if isinstance(m.get("ltap_alpha"), dict) and m["ltap_alpha"]]
+    """LT-Vote criterion weights per pruning stage (one line per criterion): the alpha each stage's mix used
+    (solid; a suppressed criterion at 0) and, where recorded (``vote: trial``), the weights before suppression
+    (dashed)."""
+    recs = [m for m in run.metrics if isinstance(m.get("pruning_stage"), dict) and m.get("ltap_alpha")]
     if not recs:
         return None
     names = []
     for m in recs:
         names += [k for k in m["ltap_alpha"] if k not in names]
     fig, ax = plt.subplots(figsize=(7.5, 4.0))
-    epochs = [m["epoch"] + 1 for m in recs]
+    stages = [m["pruning_stage"]["stage"] for m in recs]
     for k in names:
-        ax.plot(epochs, [m["ltap_alpha"].get(k, float("nan")) for m in recs], marker="o", ms=3, lw=1.3, label=k)
-    for j, m in enumerate(x for x in run.metrics if isinstance(x.get("pruning_stage"), dict)):
-        ax.axvline(m["epoch"] + 1, color="gray", ls="--", lw=0.8, label="pruning stage" if j == 0 else None)
-    ax.set_xlabel("epoch (one LT-Vote round per epoch)")
-    ax.set_ylabel("criterion weight α (fraction, sums to 1)")
-    ax.set_title(f"LT-Vote criterion weights: {run.label}", fontsize=10)
+        line, = ax.plot(stages, [m["ltap_alpha"].get(k, float("nan")) for m in recs], marker="o", ms=3, lw=1.3,
+                        label=k)
+        before = [(m.get("ltap_vote") or {}).get("alpha_base", {}).get(k, float("nan")) for m in recs]
+        if any(b == b for b in before):
+            ax.plot(stages, before, ls="--", lw=0.9, marker="x", ms=4, color=line.get_color())
+    ax.set_xticks(stages, [f"{s}\n(epoch {m['epoch'] + 1})" for s, m in zip(stages, recs)])
+    ax.set_xlabel("pruning stage")
+    ax.set_ylabel("α used by the stage's mix (dashed: before suppression)", fontsize=8)
+    ax.set_title(f"LT-Vote criterion weights per stage: {run.label}", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, path)
 
 
-def acc_vs_macs(runs, path: Path) -> Path | None:
-    """All and Tail accuracy against deployed MACs (millions), one point pair per run."""
-    usable = [r for r in runs if r.macs]
+def acc_vs_macs(rows, path: Path) -> Path | None:
+    """All and Tail accuracy against deployed MACs (millions), one point pair per row: the means over the row's
+    seeds, with sample-sd error bars on both axes."""
+    usable = [row for row in rows if row.stat("macs").n]
     if not usable:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 5.0))
-    for i, r in enumerate(usable):
-        color = f"C{i % 10}"
-        ax.scatter([r.macs / 1e6], [r.acc["all"]], color=color, marker="o", s=40, label=f"{r.label}")
-        if r.acc.get("few") is not None:
-            ax.scatter([r.macs / 1e6], [r.acc["few"]], color=color, marker="v", s=30)
+    for i, row in enumerate(usable):
+        macs, color = row.stat("macs"), f"C{i % 10}"
+        x, xerr = macs.mean / 1e6, [(macs.sd or 0.0) / 1e6] if macs.sd else None
+        for column, marker, label in (("all", "o", row.label), ("tail", "v", None)):
+            acc = row.stat(column)
+            if acc.n:
+                ax.errorbar([x], [acc.mean], xerr=xerr, yerr=_spread([acc]), color=color, marker=marker,
+                            ms=6 if marker == "o" else 5, capsize=2, ls="none", label=label)
     ax.scatter([], [], color="gray", marker="o", label="All accuracy")
     ax.scatter([], [], color="gray", marker="v", label="Tail (few) accuracy")
-    dense = sorted({r.macs_dense for r in usable if r.macs_dense})
+    dense = sorted({r.macs_dense for row in usable for r in row.runs if r.macs_dense})
     for j, m in enumerate(dense):
         ax.axvline(m / 1e6, color="gray", ls=":", lw=1, label="dense model MACs" if j == 0 else None)
-    right = max([r.macs for r in usable] + dense) / 1e6
-    ax.set_xlabel("MACs per image (millions)")
-    ax.set_ylabel("test accuracy (%)")
+    right = max([row.stat("macs").hi for row in usable] + dense) / 1e6
+    ax.set_xlabel("MACs per image (millions; mean ± sd over seeds)")
+    ax.set_ylabel("test accuracy (%; mean ± sd over seeds)")
     ax.set_title("Accuracy vs compute")
     ax.grid(True, alpha=0.3)
     ax.set_xlim(0, right * 1.08)

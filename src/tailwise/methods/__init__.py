@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..options import build_dataclass
+from ..registry import Registry
 
 
 class Method:
@@ -56,6 +58,11 @@ class Method:
     def predict(self, ctx, x: torch.Tensor) -> torch.Tensor:
         return ctx.model(x)
 
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        """The optimizer's parameter groups over ``model``: dicts with ``params`` and optionally ``lr_scale`` (the
+        group trains at the schedule's rate times it) or ``weight_decay``. Default: one group of all parameters."""
+        return [{"params": list(model.parameters())}]
+
     def first_active_epoch(self) -> int:
         """The first (0-based) epoch in which the method changes or observes training; before it, a run with
         this method equals the plain run bit for bit, so it may branch from the plain run's checkpoint
@@ -81,30 +88,24 @@ class Method:
         pass
 
 
-_METHODS: dict[str, type[Method]] = {"none": Method}
+METHODS: Registry[type[Method]] = Registry("method.name", ConfigError)
+METHODS.register("none")(Method)
+list_methods = METHODS.names
 
 
 def register_method(cls: type[Method]) -> type[Method]:
-    _METHODS[cls.name] = cls
-    return cls
-
-
-def list_methods() -> list[str]:
-    return sorted(_METHODS)
+    """Class decorator registering a method under its ``name`` attribute (the config's ``method.name``)."""
+    return METHODS.register(cls.name)(cls)
 
 
 def method_class(name: str) -> type[Method]:
     """The registered method ``name``; ConfigError naming the allowed ones otherwise."""
-    if name not in _METHODS:
-        raise ConfigError(f"method.name: {name!r} is not allowed; allowed: {', '.join(list_methods())}")
-    return _METHODS[name]
+    return METHODS.get(name)
 
 
 def validate_method_config(raw: Any, cfg=None) -> dict:
     """Validate the ``method`` section against the method's options dataclass (and, given the rest of the
     config ``cfg``, the method's own cross-checks); returns the resolved dict."""
-    from ..config import build_dataclass
-
     if not isinstance(raw, dict):
         raise ConfigError(f"method: expected a mapping like {{name: none}}, got {raw!r}")
     raw = dict(raw)
@@ -117,10 +118,8 @@ def validate_method_config(raw: Any, cfg=None) -> dict:
 
 
 def build_method(config: dict) -> Method:
-    from ..config import build_dataclass
-
     config = dict(config)
-    cls = _METHODS[config.pop("name")]
+    cls = METHODS.get(config.pop("name"))
     return cls(build_dataclass(cls.Options, config, "method"))
 
 
@@ -128,4 +127,4 @@ from . import pruning as _pruning  # noqa: E402,F401  (registers magnitude, tayl
 from . import ltap as _ltap  # noqa: E402,F401  (registers ltap)
 from . import more as _more  # noqa: E402,F401  (registers more)
 from . import plasticity as _plasticity  # noqa: E402,F401  (registers plasticity)
-from . import decoupled as _decoupled  # noqa: E402,F401  (registers do)
+from . import do as _do  # noqa: E402,F401  (registers do)

@@ -1,6 +1,11 @@
 """``method: more`` -- MOdel REbalancing (MORE, arXiv 2510.08177): a low-rank, minority-specific component on every
 conv / linear weight, trained with a prior-weighted discrepancy loss on a sine schedule, merged away at the end.
 
+Library API (no trainer needed; ``examples/more.py``): :func:`reparametrize` (``W = W_g + B·A`` in place),
+:func:`general_logits` (``f(x; W_g)``), :func:`more_loss` (the loss on full logits, general logits, targets, prior
+and alpha) and :func:`merge` (a plain model with ``W_g + B·A``). :class:`MOREMethod` is the trainer's thin adapter
+over exactly these functions: the phase, the parameter groups, the schedule and the bookkeeping.
+
 Reparametrisation. Every selected layer (``layers: all | conv | linear``) computes with ``W = W_g + B·A`` where
 ``W_g`` is the layer's own ``weight`` (the *general* part, still named ``weight`` so the model's state dict stays a
 superset of the base architecture's), ``B`` (``m x r``, ``more_B``) and ``A`` (``r x k``, ``more_A``) with
@@ -13,44 +18,69 @@ holds, the module class is swapped for a subclass, as ``torch.nn.utils.parametri
 to the weight's shape (``(B·A)ᵀ`` for the cosine head :class:`~tailwise.models.NormedLinear`, whose weight is
 stored ``in x out``). Biases and BatchNorm affine parameters are shared (general) parameters.
 
-Loss (one training step)::
+Loss (one training step, the seed's ``L = L_base + alpha(tau) · L_MORE``)::
 
     L = L_base(f(x; W_g + BA), y) + alpha(tau) · mean_i pi_{y_i} · D(f(x; W_g + BA)_i, f(x; W_g)_i)
 
 ``pi`` is the empirical class prior of the training set, ``D`` the squared L2 distance of the logits
-(``discrepancy: l2``, the paper's) or ``KL(softmax(z_gen) || softmax(z_full))`` (``kl``, ablation). The
-general-only pass ``f(x; W_g)`` runs the same model inside :func:`general_only`: the low-rank terms are dropped and
-BatchNorm layers normalise with the batch's own statistics (as the full pass does in training mode) without
-updating ``running_mean`` / ``running_var`` / ``num_batches_tracked`` -- the running statistics, and therefore the
-merged model, are those of the full path. ``detach_general: true`` runs the general pass under ``no_grad``
-(``z_gen`` is a constant target; cheaper); the default ``false`` back-propagates through both passes, the
-formula read literally.
+(``discrepancy: l2``, the paper's ``M(x; theta)``) or ``KL(softmax(z_gen) || softmax(z_full))`` (``kl``,
+ablation). The general-only pass ``f(x; W_g)`` runs the same model inside :func:`general_only`: the low-rank terms
+are dropped and BatchNorm layers normalise with the batch's own statistics (as the full pass does in training mode)
+without updating ``running_mean`` / ``running_var`` / ``num_batches_tracked`` -- the running statistics, and
+therefore the merged model, are those of the full path. ``detach_general: true`` runs the general pass under
+``no_grad`` (``z_gen`` is a constant target; cheaper); the default ``false`` back-propagates through both passes,
+the formula read literally.
 
 Schedule. ``alpha(tau) = A · s(tau / T)`` with ``s(u) = sin(pi u)`` (``sine``, the paper's), ``1`` (``constant``)
-or ``(1 + cos(pi u)) / 2`` (``cosine``: annealed from ``A`` to 0). ``tau`` / ``T`` are the epoch index (from 0)
-and ``train.epochs`` by default (``unit: epoch``), or the global optimizer step and ``epochs x steps per epoch``
-(``unit: step``). The amplitude is given normalised, ``amplitude`` = ``A' = A / C`` (``C`` classes; paper optimum
-``A' ≈ 2``), so ``A = A' · C`` and the per-sample weight ``A · pi_y = A' · (C pi_y)`` is ``A'`` times the class's
-frequency relative to a uniform prior. Where ``alpha(tau) = 0`` (the first epoch of the sine schedule, or
-``amplitude: 0`` -- the "low-rank branch with A = 0" control) the general pass is skipped: the loss is then exactly
-the base loss.
+or ``(1 + cos(pi u)) / 2`` (``cosine``: annealed from ``A`` to 0). ``tau`` / ``T`` count the phase (below): the
+epoch index minus ``start_epoch`` and ``train.epochs - start_epoch`` (``unit: epoch``), or the optimizer steps
+since the phase began and the phase's steps (``unit: step``). The amplitude is given normalised, ``amplitude`` =
+``A' = A / C`` (``C`` classes; paper optimum ``A' ≈ 2``), so ``A = A' · C`` and the per-sample weight
+``A · pi_y = A' · (C pi_y)`` is ``A'`` times the class's frequency relative to a uniform prior. Where
+``alpha(tau) = 0`` (the first epoch of the sine schedule, or ``amplitude: 0`` -- the "low-rank branch with A = 0"
+control) the general pass is skipped: the loss is then exactly the base loss.
+
+Protocol: who trains ``theta_g`` (issue #24). Trained jointly from scratch at full rank, ``W_g`` absorbs any
+``BA``: ``(W_g + BA, 0)`` has the same base loss and zero penalty, so the branch vanishes (measured: ~5e-5 of the
+logits). The seed initialises ``theta_g`` "from pretrained or random" and fine-tunes pretrained models, so
+``general`` chooses (recorded in ``describe()["phase"]``):
+
+- ``joint`` (default): ``W_g``, ``B`` and ``A`` train together at the schedule's rate (the landed behaviour).
+- ``frozen``: ``theta_g`` -- every conv / linear weight, bias and BatchNorm affine parameter -- stays fixed, bit for
+  bit (``requires_grad`` off, outside the optimizer); ``B`` and ``A`` train with the loss above. The general pass
+  then has nothing to differentiate, so it runs under ``no_grad`` (exactly the same gradients, cheaper).
+  BatchNorm running statistics are buffers, not ``theta_g``: they keep following the full path ``W_g + BA``, whose
+  features the merged model normalises (freezing them would deploy ``W_g + BA`` with ``W_g``'s statistics).
+- ``slow``: ``theta_g`` trains at ``general_lr_scale`` (0.1) times the schedule's rate (its own parameter group's
+  ``lr_scale``, which the trainer's schedule multiplies in every epoch).
+
+The phase. With ``start_epoch: N > 0`` the run trains plainly (the trainer's own loss, the base model) for epochs
+``0 .. N-1`` and MORE begins at epoch ``N``: reparametrisation, the ``general`` mode, ``alpha``'s schedule over the
+remaining ``train.epochs - N`` epochs. ``first_active_epoch() = N``, so ``tailwise run RECIPE --branch-from
+PLAIN_RUN/checkpoints/epoch_N.pt`` starts the phase from a plain run's trained model and equals the run from
+scratch (:mod:`tailwise.engine.branch`); ``frozen`` requires ``N > 0`` (a trained ``W_g``). Only models of the
+phase are chosen as best-on-validation. ``branch_weight_decay`` is the weight decay of ``B`` and ``A`` (null:
+``train.weight_decay``). The plain fine-tuning control with the same epochs is the plain run itself: its epochs
+``N .. end`` are plain training of the whole model from the same checkpoint with the base loss.
 
 Deployment. ``finalize`` builds a fresh registry model (``build_model(**model.arch)``), loads ``W_g + B·A`` into
 every reparametrised weight and everything else unchanged, and checks on every run, in eval mode with TF32 off,
 that its logits equal the unmerged model's to ``merge_tol`` (1e-5) relative, on random inputs and on real test
 images; :class:`MergeError` otherwise. The deployed network has exactly the base architecture's parameters and MACs.
 
-Overhead. With ``measure_overhead`` (default on) the wall time of every training step (from the start of the loss
-to the end of the optimizer step; CUDA synchronised) is accumulated separately for steps with the general pass and
-steps without it (``alpha = 0``: base loss only, same reparametrised model); ``describe()["overhead"]`` gives both
-means and their ratio, and ``metrics.jsonl`` the per-epoch step time and general-pass time.
-``python -m tailwise.methods.more`` times dense / base-only / MORE steps of ResNet-32 on CIFAR-sized batches.
+Overhead. With ``measure_overhead`` (default on) the wall time of every training step of the phase (from the start
+of the loss to the end of the optimizer step; CUDA synchronised) is accumulated separately for steps with the
+general pass and steps without it (``alpha = 0``: base loss only, same reparametrised model);
+``describe()["overhead"]`` gives both means and their ratio, and ``metrics.jsonl`` the per-epoch step time and
+general-pass time. ``benchmarks/more_overhead.py`` times dense / base-only / MORE steps of ResNet-32 on CIFAR-sized
+batches.
 
 Branch size. ``finalize`` also records how large the trained tail component is (``describe()["branch"]``,
-:func:`branch_size`): per layer ``||B·A||_F / ||W_g||_F`` (median, max and the layer of the max) and, on the real
-test images of the merge check in eval mode, ``mean_i ||f(x_i; W_g + BA) - f(x_i; W_g)|| / mean_i ||f(x_i; W_g +
-BA)||``, the branch's share of the logits. Near zero means the discrepancy term (and weight decay, which applies to
-``B`` and ``A`` like every parameter) drove the branch out: the deployed model is then the general model.
+:func:`branch_size`): per layer ``||B·A||_F / ||W_g||_F`` (every layer, the median, max and the layer of the max)
+and, in eval mode on up to 512 test images stratified by class, ``mean_i ||f(x_i; W_g + BA) - f(x_i; W_g)|| /
+mean_i ||f(x_i; W_g + BA)||``, the branch's share of the logits, over all of them and per class group (many /
+medium / few, by the true class). Near zero means the branch was driven out: the deployed model is then the
+general model.
 """
 from __future__ import annotations
 
@@ -65,15 +95,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import bounded, choice
+from ..data.longtail import GROUP_NAMES
 from ..errors import ConfigError, TailwiseError
 from ..models import NormedLinear, build_model
+from ..options import bounded, choice
 from . import Method, register_method
 
 SCHEDULES = ("sine", "constant", "cosine")
 DISCREPANCIES = ("l2", "kl")
 LAYERS = ("all", "conv", "linear")
 UNITS = ("epoch", "step")
+GENERALS = ("joint", "frozen", "slow")
+BRANCH_SAMPLE = 512  # test images (stratified by class) on which finalize measures the branch's share of the logits
 
 
 class MergeError(TailwiseError):
@@ -119,6 +152,7 @@ class MoreNormedLinear(LowRankMixin, NormedLinear):
 
 
 _SWAP = {nn.Conv2d: MoreConv2d, nn.Linear: MoreLinear, NormedLinear: MoreNormedLinear}
+_UNSWAP = {low: base for base, low in _SWAP.items()}
 
 
 def layer_dims(module: nn.Module) -> tuple[int, int]:
@@ -160,6 +194,17 @@ def lowrank_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LowRankMixin)]
 
 
+def branch_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """``B`` and ``A`` of every reparametrised layer: the tail component ``theta_t``."""
+    return [p for _, m in lowrank_layers(model) for p in (m.more_B, m.more_A)]
+
+
+def general_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every other parameter (``W_g``, biases, BatchNorm affine): the general part ``theta_g``."""
+    branch = {id(p) for p in branch_parameters(model)}
+    return [p for p in model.parameters() if id(p) not in branch]
+
+
 @contextlib.contextmanager
 def general_only(model: nn.Module):
     """Run ``model`` as ``f(x; W_g)``: low-rank terms dropped, BatchNorm running statistics left untouched (in
@@ -179,18 +224,31 @@ def general_only(model: nn.Module):
             bn.track_running_stats = True
 
 
+def _plain_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every reparametrised layer back to its own class, without ``B`` and ``A``."""
+    plain = copy.deepcopy(model)
+    for _, module in lowrank_layers(plain):
+        del module.more_A, module.more_B
+        module.__dict__.pop("more_general", None)
+        module.__class__ = _UNSWAP[type(module)]
+    return plain.requires_grad_(True)
+
+
 def merge(model: nn.Module) -> nn.Module:
-    """A plain registry model (``build_model(**model.arch)``) with ``W = W_g + B·A`` in every reparametrised layer."""
+    """The deployable model: ``W = W_g + B·A`` loaded into every reparametrised layer of a plain network with the
+    base architecture's parameters and MACs -- a fresh registry model (``build_model(**model.arch)``) for a
+    tailwise network, otherwise a copy of ``model`` with its layers' own classes restored."""
     state = model.state_dict()
-    merged = {}
     for name, module in lowrank_layers(model):
         prefix = f"{name}." if name else ""
-        merged[prefix + "weight"] = module.merged_weight()
+        state[prefix + "weight"] = module.merged_weight()
         state.pop(prefix + "more_A")
         state.pop(prefix + "more_B")
-    state.update(merged)
-    weight = next(model.parameters())
-    plain = build_model(**model.arch).to(device=weight.device, dtype=weight.dtype)
+    if hasattr(model, "arch"):
+        weight = next(model.parameters())
+        plain = build_model(**model.arch).to(device=weight.device, dtype=weight.dtype)
+    else:
+        plain = _plain_copy(model)
     plain.load_state_dict(state, strict=True)
     plain.train(model.training)
     return plain
@@ -221,51 +279,69 @@ def discrepancy(z_full: torch.Tensor, z_gen: torch.Tensor, kind: str = "l2") -> 
     raise ValueError(f"unknown discrepancy {kind!r}; allowed: {', '.join(DISCREPANCIES)}")
 
 
-def more_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, prior: torch.Tensor, alpha: float,
-              kind: str = "l2", detach_general: bool = False) -> tuple[torch.Tensor, dict]:
-    """``L_base(z_full, y) + alpha · mean_i prior[y_i] · D_i``; returns the loss and its parts (tensors)."""
-    z_full = model(x)
-    base = loss_fn(z_full.float(), y)
-    parts = {"logits": z_full, "base": base}
+def general_logits(model: nn.Module, x: torch.Tensor, detach: bool = False) -> torch.Tensor:
+    """``z_gen = f(x; W_g)``, the general-only pass (:func:`general_only`); under ``no_grad`` with ``detach``."""
+    with general_only(model), (torch.no_grad() if detach else contextlib.nullcontext()):
+        return model(x)
+
+
+def more_loss(z_full: torch.Tensor, z_gen: torch.Tensor | None, targets: torch.Tensor, prior: torch.Tensor,
+              alpha: float, base_loss=F.cross_entropy, kind: str = "l2") -> tuple[torch.Tensor, dict]:
+    """MORE's training loss (seed ``004_``, "Loss modules"): ``L = L_base(z_full, y) + alpha · mean_i prior[y_i] ·
+    D(z_full_i, z_gen_i)`` with ``z_full = f(x; W_g + BA)``, ``z_gen = f(x; W_g)`` (:func:`general_logits`) and
+    ``D`` the squared L2 distance of the logits (:func:`discrepancy`). ``base_loss(logits, targets)`` is the base
+    loss (cross-entropy by default; a :func:`tailwise.losses.build_loss` loss in the trainer), computed in float32.
+    Where ``alpha == 0`` the result is exactly the base loss and ``z_gen`` may be None (no general pass needed).
+    Returns the loss and its parts: ``{"base": L_base}`` plus ``{"more": mean_i prior[y_i] · D_i}`` when alpha > 0.
+
+        z_full = model(x)
+        z_gen = general_logits(model, x) if alpha else None
+        loss, parts = more_loss(z_full, z_gen, y, prior, alpha)
+    """
+    base = base_loss(z_full.float(), targets)
     if alpha == 0.0:
-        return base, parts
-    with general_only(model), (torch.no_grad() if detach_general else contextlib.nullcontext()):
-        z_gen = model(x)
-    term = (prior[y] * discrepancy(z_full, z_gen, kind)).mean()
-    parts["more"] = term
-    return base + alpha * term, parts
+        return base, {"base": base}
+    term = (prior[targets] * discrepancy(z_full, z_gen, kind)).mean()
+    return base + alpha * term, {"base": base, "more": term}
 
 
 # --------------------------------------------------------------------------------------------------- the method
 @dataclass
-class MoreOptions:
+class MOREOptions:
     ratio: float = bounded(0.1, 0.0, 1.0, low_open=True)  # rank r = max(1, round(ratio · min(m, k))) (paper Fig. 2d)
     layers: str = choice(*LAYERS, default="all")  # which layers get the low-rank term
     amplitude: float = bounded(2.0, 0.0)  # normalised A' = A / C (paper Fig. 2c: ≈ 2); 0 = the "A = 0" control
     schedule: str = choice(*SCHEDULES, default="sine")  # alpha(tau) shape
-    unit: str = choice(*UNITS, default="epoch")  # tau / T: epoch / train.epochs, or step / total steps
+    unit: str = choice(*UNITS, default="epoch")  # tau / T over the phase: epochs, or optimizer steps
     discrepancy: str = choice(*DISCREPANCIES, default="l2")  # D: squared L2 of logits (paper) | KL
     detach_general: bool = False  # z_gen as a constant target (general pass under no_grad)
+    general: str = choice(*GENERALS, default="joint")  # how W_g trains in the phase: with B, A | fixed | slower
+    general_lr_scale: float = bounded(0.1, 0.0, 1.0, low_open=True)  # slow: W_g's LR = this x the schedule's
+    start_epoch: int = bounded(0, 0)  # the phase's first epoch (0-based); before it the run is plain training
+    branch_weight_decay: float | None = bounded(None, 0.0)  # weight decay of B and A; null: train.weight_decay
     merge_tol: float = bounded(1e-5, 0.0, low_open=True)  # relative logit tolerance of the merge check
     measure_overhead: bool = True  # time steps with / without the general pass
 
 
 @register_method
-class MoreRebalancing(Method):
-    """``method: more`` (see the module docstring)."""
+class MOREMethod(Method):
+    """``method: more`` -- the trainer's adapter over :func:`reparametrize`, :func:`more_loss` and :func:`merge`
+    (see the module docstring)."""
 
     name = "more"
     summary = ("MORE: a low-rank tail branch W = W_g + BA trained with a prior-weighted discrepancy loss on a sine "
                "schedule, merged into a plain model at the end")
-    Options = MoreOptions
+    Options = MOREOptions
 
-    def __init__(self, options: MoreOptions):
+    def __init__(self, options: MOREOptions):
         super().__init__(options)
+        self.active = False  # the phase has begun: the model is reparametrised
         self.ranks: dict[str, int] = {}
         self.lowrank_params = 0
         self.num_classes = 0
         self.prior: torch.Tensor | None = None
-        self.total_steps = 0
+        self.steps_per_epoch = 0
+        self.branch_weight_decay = 0.0
         self.merge_check: dict | None = None
         self.branch: dict | None = None
         self.epoch_acc = self._fresh_epoch()
@@ -273,30 +349,70 @@ class MoreRebalancing(Method):
         self._step_start: float | None = None
         self._step_general: bool = False
         self._sync = lambda: None
+        self._ctx = None
 
     @staticmethod
     def _fresh_epoch() -> dict:
         return {"loss_more": 0.0, "alpha": 0.0, "n": 0, "correct": 0, "step_s": 0.0, "timed": 0, "general_s": 0.0}
 
     @classmethod
-    def check_options(cls, o: MoreOptions, cfg) -> None:
-        if not math.isfinite(o.amplitude):  # the range is the field's own
-            raise ConfigError(f"method.amplitude: {o.amplitude} is out of range; must be a finite number >= 0")
+    def check_options(cls, o: MOREOptions, cfg) -> None:
+        if o.start_epoch >= cfg.train.epochs:
+            raise ConfigError(f"method.start_epoch: {o.start_epoch} leaves no epoch for the MORE phase; it must be "
+                              f"below train.epochs ({cfg.train.epochs})")
+        if o.general == "frozen" and o.start_epoch == 0:
+            raise ConfigError("method.general=frozen keeps W_g fixed, so W_g must be a trained model: set "
+                              "method.start_epoch to N and start from a plain run's checkpoint with --branch-from "
+                              "RUN/checkpoints/epoch_N.pt (or let the run train plainly up to epoch N)")
+
+    @property
+    def detach(self) -> bool:
+        """Whether the general pass runs without gradient: asked for, or implied (frozen: nothing in it trains)."""
+        return self.options.detach_general or self.options.general == "frozen"
 
     # ---------------------------------------------------------------------------------------------- hooks
     def setup(self, ctx) -> None:
-        o = self.options
-        generator = torch.Generator().manual_seed(int(ctx.cfg.run.seed) * 7919 + 2510)
-        self.ranks = reparametrize(ctx.model, o.ratio, o.layers, generator)
-        if not self.ranks:
-            raise ConfigError(f"method.layers={o.layers}: the model has no such conv / linear layer to reparametrise")
-        self.lowrank_params = sum(m.more_A.numel() + m.more_B.numel() for _, m in lowrank_layers(ctx.model))
+        self._ctx = ctx
         counts = torch.tensor(ctx.data.class_counts, dtype=torch.float64)
         self.num_classes = len(counts)
         self.prior = (counts / counts.sum()).float().to(ctx.device)
-        self.total_steps = ctx.cfg.train.epochs * len(ctx.trainer.train_loader) if ctx.trainer is not None else 0
+        self.steps_per_epoch = len(ctx.train_loader)
+        wd = self.options.branch_weight_decay
+        self.branch_weight_decay = ctx.cfg.train.weight_decay if wd is None else wd
         self._sync = (lambda: torch.cuda.synchronize(ctx.device)) if ctx.device.type == "cuda" else (lambda: None)
+        if self.options.start_epoch == 0:
+            self._start_phase(ctx)
+
+    def _start_phase(self, ctx) -> None:
+        """Reparametrise the model, fix W_g (``frozen``) and regroup the optimizer at the schedule's current rate."""
+        o = self.options
+        generator = torch.Generator().manual_seed((int(ctx.cfg.run.seed) * 7919 + 2510) % 2**64)
+        self.ranks = reparametrize(ctx.model, o.ratio, o.layers, generator)
+        if not self.ranks:
+            raise ConfigError(f"method.layers={o.layers}: the model has no such conv / linear layer to reparametrise")
+        if o.general == "frozen":
+            for p in general_parameters(ctx.model):
+                p.requires_grad_(False)
+        self.lowrank_params = sum(p.numel() for p in branch_parameters(ctx.model))
+        self.active = True
+        lr = ctx.optimizer.param_groups[0]["lr"] / ctx.optimizer.param_groups[0].get("lr_scale", 1.0)
         ctx.rebuild_optimizer()
+        for group in ctx.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        if not self.active:
+            return super().param_groups(model)
+        branch = {"params": branch_parameters(model), "weight_decay": self.branch_weight_decay}
+        general = [p for p in general_parameters(model) if p.requires_grad]  # none when frozen
+        scale = self.options.general_lr_scale if self.options.general == "slow" else 1.0
+        return [branch] + ([{"params": general, "lr_scale": scale}] if general else [])  # the first: the logged lr
+
+    def first_active_epoch(self) -> int:
+        return self.options.start_epoch
+
+    def selectable(self, epoch: int) -> bool:
+        return self.active  # a model of the plain part before the phase is not a MORE model
 
     @property
     def amplitude_raw(self) -> float:
@@ -304,53 +420,56 @@ class MoreRebalancing(Method):
         return self.options.amplitude * self.num_classes
 
     def alpha(self, ctx) -> float:
+        """``alpha(tau)`` with ``tau`` / ``T`` counted over the phase (from ``start_epoch`` to the end)."""
         o = self.options
         if o.unit == "epoch":
-            tau, total = ctx.epoch, ctx.cfg.train.epochs
+            tau, total = ctx.epoch - o.start_epoch, ctx.cfg.train.epochs - o.start_epoch
         else:
-            tau, total = ctx.step, self.total_steps
+            tau = ctx.step - o.start_epoch * self.steps_per_epoch
+            total = (ctx.cfg.train.epochs - o.start_epoch) * self.steps_per_epoch
         return schedule_value(o.schedule, self.amplitude_raw, tau, total)
 
     def on_epoch_start(self, ctx, epoch: int) -> None:
+        if not self.active and epoch >= self.options.start_epoch:
+            self._start_phase(ctx)
         self.epoch_acc = self._fresh_epoch()
 
-    def training_loss(self, ctx, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        o = self.options
+    def _clock(self) -> float:
+        if not self.options.measure_overhead:
+            return 0.0
+        self._sync()
+        return time.perf_counter()
+
+    def training_loss(self, ctx, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        if not self.active:
+            return None  # plain training: the trainer's own loss, bit for bit
         alpha = self.alpha(ctx)
-        if o.measure_overhead:
-            self._sync()
-            self._step_start = time.perf_counter()
+        self._step_start = self._clock() if self.options.measure_overhead else None
         self._step_general = alpha != 0.0
         z_full = ctx.model(x)
-        base = ctx.loss_fn(z_full.float(), y)
+        z_gen = None
         acc = self.epoch_acc
+        if alpha != 0.0:
+            start = self._clock()
+            z_gen = general_logits(ctx.model, x, self.detach)
+            spent = self._clock() - start
+            acc["general_s"] += spent
+            self.timing["general_s"] += spent
+        loss, parts = more_loss(z_full, z_gen, y, self.prior, alpha, ctx.loss_fn, self.options.discrepancy)
         acc["n"] += len(y)
         acc["alpha"] = alpha
         acc["correct"] += int((z_full.detach().argmax(1) == y).sum())
-        if alpha == 0.0:
-            return base
-        if o.measure_overhead:
-            self._sync()
-            start = time.perf_counter()
-        with general_only(ctx.model), (torch.no_grad() if o.detach_general else contextlib.nullcontext()):
-            z_gen = ctx.model(x)
-        term = (self.prior[y] * discrepancy(z_full, z_gen, o.discrepancy)).mean()
-        if o.measure_overhead:
-            self._sync()
-            spent = time.perf_counter() - start
-            acc["general_s"] += spent
-            self.timing["general_s"] += spent
-        acc["loss_more"] += float(term.detach()) * len(y)
-        return base + alpha * term
+        if "more" in parts:
+            acc["loss_more"] += float(parts["more"].detach()) * len(y)
+        return loss
 
     def after_step(self, ctx) -> None:
         if self._step_start is None:
             return
-        self._sync()
-        spent = time.perf_counter() - self._step_start
+        spent = self._clock() - self._step_start
         self._step_start = None
-        if ctx.step == 0:
-            return  # the first step of a run carries one-off allocation costs
+        if ctx.step == self.options.start_epoch * self.steps_per_epoch:
+            return  # the phase's first step carries one-off allocation costs
         key = "with" if self._step_general else "without"
         self.timing[f"{key}_s"] += spent
         self.timing[f"{key}_n"] += 1
@@ -358,6 +477,8 @@ class MoreRebalancing(Method):
         self.epoch_acc["timed"] += 1
 
     def on_epoch_end(self, ctx, epoch: int, val: dict | None) -> dict:
+        if not self.active:
+            return {}
         acc = self.epoch_acc
         n, loss_more, correct = ctx.dist.totals([acc["n"], acc["loss_more"], acc["correct"]])  # every process's
         n = max(1, n)
@@ -374,13 +495,14 @@ class MoreRebalancing(Method):
         if ctx.cfg.train.channels_last:
             deployed = deployed.to(memory_format=torch.channels_last)
         inputs = [torch.randn(8, *ctx.data.train.image_shape, generator=torch.Generator().manual_seed(0))]
-        real = ctx.data.test.example(32).float()
-        mean = torch.tensor(ctx.trainer.mean).view(1, -1, 1, 1) * 255 if ctx.trainer is not None else 127.5
-        std = torch.tensor(ctx.trainer.std).view(1, -1, 1, 1) * 255 if ctx.trainer is not None else 63.75
-        inputs.append((real - mean) / std)
+        inputs.append(ctx.train_loader.normalize(ctx.data.test.example(32)))
         inputs = [x.to(ctx.device) for x in inputs]
         self.merge_check = check_merge(model, deployed, inputs, self.options.merge_tol)
-        self.branch = branch_size(model, inputs[-1])
+        test = ctx.data.test
+        idx = stratified_indices(test.labels, self.num_classes, BRANCH_SAMPLE)
+        groups = {g: ctx.data.groups.indices(g) for g in GROUP_NAMES}
+        self.branch = branch_size(model, ctx.train_loader.normalize(test.batch(idx)), test.labels[idx].to(ctx.device),
+                                  groups)
         return deployed
 
     def overhead(self) -> dict:
@@ -397,8 +519,16 @@ class MoreRebalancing(Method):
 
     def describe(self) -> dict:
         out = super().describe()
+        o = self.options
         out.update({"amplitude_raw": self.amplitude_raw, "num_classes": self.num_classes,
-                    "tau": "epoch index / train.epochs" if self.options.unit == "epoch" else "optimizer step / total steps",
+                    "tau": ("epoch - start_epoch over train.epochs - start_epoch" if o.unit == "epoch"
+                            else "optimizer steps since the phase began over the phase's steps"),
+                    "phase": {"start_epoch": o.start_epoch, "general": o.general,
+                              "general_lr_scale": o.general_lr_scale if o.general == "slow" else 1.0,
+                              "branch_weight_decay": self.branch_weight_decay,
+                              "general_pass_grad": not self.detach,
+                              "batchnorm": "running statistics follow the full path W_g + BA (the merged model's); "
+                                           "frozen keeps weights, biases and BN affine parameters fixed"},
                     "init": "B = 0, A ~ U(-1/sqrt(k), 1/sqrt(k))", "rank_rule": "max(1, round_half_up(ratio*min(m,k)))",
                     "layers_reparametrised": len(self.ranks), "lowrank_params": self.lowrank_params,
                     "ranks": dict(self.ranks), "overhead": self.overhead(), "merge_check": self.merge_check,
@@ -406,12 +536,15 @@ class MoreRebalancing(Method):
         return out
 
     def state_dict(self) -> dict:
-        # B and A are model parameters (model.state_dict()); here: the bookkeeping for metrics and timing
-        return {"ranks": dict(self.ranks), "epoch_acc": dict(self.epoch_acc), "timing": dict(self.timing)}
+        # B and A are model parameters (model.state_dict()); here: the phase flag and the metrics' bookkeeping
+        return {"active": self.active, "ranks": dict(self.ranks), "epoch_acc": dict(self.epoch_acc),
+                "timing": dict(self.timing)}
 
     def load_state_dict(self, state: dict) -> None:
         if not state:
             return
+        if state.get("active", True) and not self.active:  # resuming inside the phase: reparametrise first
+            self._start_phase(self._ctx)
         if self.ranks and state.get("ranks") and state["ranks"] != self.ranks:
             raise TailwiseError(f"cannot resume: the checkpoint's low-rank ranks {state['ranks']} differ from this "
                                 f"config's {self.ranks}; use the run's own config (method.ratio / method.layers)")
@@ -448,10 +581,19 @@ def check_merge(model: nn.Module, deployed: nn.Module, inputs: list[torch.Tensor
     return report
 
 
+def stratified_indices(labels: torch.Tensor, num_classes: int, total: int) -> torch.Tensor:
+    """The first ``max(1, total // num_classes)`` indices of every class in ``labels``, class by class."""
+    per_class = max(1, total // num_classes)
+    return torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(num_classes)])
+
+
 @torch.no_grad()
-def branch_size(model: nn.Module, x: torch.Tensor) -> dict:
-    """How much the low-rank tail component contributes: per layer ``||B·A||_F / ||W_g||_F`` (median, max, and
-    the layer of the max) and, in eval mode on ``x``, ``mean_i ||z_full_i - z_gen_i|| / mean_i ||z_full_i||``."""
+def branch_size(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None,
+                groups: dict[str, list[int]] | None = None) -> dict:
+    """How much the low-rank tail component contributes. Per layer ``||B·A||_F / ||W_g||_F`` (all layers, their
+    median, max and the layer of the max); in eval mode on ``x``, the branch's share of the logits
+    ``mean_i ||z_full_i - z_gen_i|| / mean_i ||z_full_i||`` over all samples and, given labels ``y`` and class
+    ``groups`` (name -> class indices, e.g. many / medium / few), over the samples of each group's classes."""
     ratios = {name: float(m.more_delta().norm() / m.weight.norm().clamp_min(1e-12))
               for name, m in lowrank_layers(model)}
     largest = max(ratios, key=ratios.get)
@@ -459,83 +601,22 @@ def branch_size(model: nn.Module, x: torch.Tensor) -> dict:
     model.eval()
     try:
         z_full = model(x).float()
-        with general_only(model):
-            z_gen = model(x).float()
+        z_gen = general_logits(model, x).float()
     finally:
         model.train(was)
-    logit_share = float((z_full - z_gen).norm(dim=1).mean() / z_full.norm(dim=1).mean().clamp_min(1e-12))
-    return {"weight_ratio_median": round(statistics.median(ratios.values()), 8),
-            "weight_ratio_max": round(ratios[largest], 8),
-            "weight_ratio_max_layer": largest, "logit_share": round(logit_share, 8), "samples": len(x),
-            "note": "||B A||_F / ||W_g||_F per layer; logit_share = mean ||z_full - z_gen|| / mean ||z_full|| "
-                    "on real test images, eval mode"}
+    moved, size = (z_full - z_gen).norm(dim=1), z_full.norm(dim=1)
 
+    def share(mask: torch.Tensor) -> float | None:
+        return round(float(moved[mask].mean() / size[mask].mean().clamp_min(1e-12)), 8) if mask.any() else None
 
-# ---------------------------------------------------------------------------------------------- overhead bench
-def measure_overhead(steps: int = 6, threads: int = 1, batch: int = 128, device: str = "cpu",
-                     model_name: str = "resnet32", num_classes: int = 10) -> dict:
-    """Median seconds per training step (forward, backward, SGD step) of the dense model, the reparametrised
-    model with the base loss only, and MORE (general pass with and without gradient)."""
-    import statistics
-
-    from ..losses import build_loss
-
-    torch.set_num_threads(threads)
-    dev = torch.device(device)
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, 32, 32, generator=g).to(dev)
-    y = torch.randint(0, num_classes, (batch,), generator=g).to(dev)
-    counts = [int(500 * 0.01 ** (i / (num_classes - 1))) for i in range(num_classes)]
-    loss_fn = build_loss("balanced_softmax", counts).to(dev)
-    prior = torch.tensor(counts, dtype=torch.float32, device=dev)
-    prior = prior / prior.sum()
-    dense = build_model(model_name, num_classes).to(dev).train()
-    lowrank = copy.deepcopy(dense)
-    reparametrize(lowrank, 0.1, "all", g)
-    amp = 2.0 * num_classes
-
-    def timed(model, alpha, detach):
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            loss, _ = more_loss(model, x, y, loss_fn, prior, alpha, "l2", detach)
-            loss.backward()
-            opt.step()
-            sync()
-
-        step(), step()  # warm-up
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    dense_s = timed(dense, 0.0, False)
-    base_s = timed(lowrank, 0.0, False)
-    more_s = timed(lowrank, amp, False)
-    detached_s = timed(lowrank, amp, True)
-    return {"device": str(dev), "threads": threads, "batch": batch, "model": model_name,
-            "dense_step_s": round(dense_s, 4), "lowrank_base_only_step_s": round(base_s, 4),
-            "more_step_s": round(more_s, 4), "more_detached_step_s": round(detached_s, 4),
-            "ratio_more_vs_base_only": round(more_s / base_s, 3), "ratio_more_vs_dense": round(more_s / dense_s, 3),
-            "ratio_detached_vs_base_only": round(detached_s / base_s, 3)}
-
-
-def main() -> None:
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(description="Time MORE's second forward pass (ResNet-32, CIFAR-sized batches)")
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--device", default="cpu")
-    a = parser.parse_args()
-    print(json.dumps(measure_overhead(a.steps, a.threads, a.batch, a.device), indent=1))
-
-
-if __name__ == "__main__":
-    main()
+    out = {"weight_ratio": {k: round(v, 8) for k, v in ratios.items()},
+           "weight_ratio_median": round(statistics.median(ratios.values()), 8),
+           "weight_ratio_max": round(ratios[largest], 8), "weight_ratio_max_layer": largest,
+           "logit_share": share(torch.ones_like(moved, dtype=torch.bool)), "samples": len(x)}
+    if y is not None and groups:
+        masks = {g: torch.isin(y, torch.tensor(classes, dtype=y.dtype, device=y.device)) for g, classes in groups.items()}
+        out["logit_share_by_group"] = {g: share(mask) for g, mask in masks.items()}
+        out["samples_by_group"] = {g: int(mask.sum()) for g, mask in masks.items()}
+    out["note"] = ("||B A||_F / ||W_g||_F per layer; logit_share = mean ||z_full - z_gen|| / mean ||z_full|| on "
+                   "test images (by the group of their true class), eval mode")
+    return out

@@ -13,11 +13,16 @@ Test-time Learning"), and :class:`SubModelEnsemble`, the deployable module that 
 
 The two views are a random crop with ``padding`` zero padding and a flip of the normalised batch, from a
 generator seeded by the batch's content and ``seed``: a prediction is a pure function of its batch.
+
+Example (group-level weights learned on unlabelled batches)::
+
+    group = ensemble.with_aggregation("group", group_lambda=ensemble.learn_group_weights(x for x, _ in loader))
 """
 from __future__ import annotations
 
+import time
 import zlib
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +85,7 @@ def group_weights(views: list[tuple[torch.Tensor, torch.Tensor]], steps: int = 1
 def batch_views(x: torch.Tensor, padding: int, flip: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Two stochastic views of a normalised batch, from a generator seeded by the batch's content and ``seed``."""
     sample = x.detach().flatten()[:: max(1, x.numel() // 4096)].float().cpu().numpy().tobytes()
-    g = torch.Generator().manual_seed(zlib.crc32(sample) + 7919 * int(seed))
+    g = torch.Generator().manual_seed((zlib.crc32(sample) + 7919 * int(seed)) % 2**64)
     views = []
     for _ in range(2):
         v = random_crop(x, padding, g)
@@ -116,7 +121,13 @@ def aggregate(forward: Callable[[int, torch.Tensor], torch.Tensor], n: int, x: t
 class SubModelEnsemble(nn.Module):
     """``T`` networks of one architecture whose logits are aggregated (see the module docstring); what
     ``method: do`` deploys. ``arch`` records the member architecture and the aggregation settings, so
-    :func:`tailwise.deploy.load_model` rebuilds it from ``arch.json`` and the weights alone."""
+    :func:`tailwise.deploy.load_model` rebuilds it from ``arch.json`` and the weights alone.
+
+    Example::
+
+        ensemble = SubModelEnsemble([sub1, sub2, final], "instance")   # then ensemble(x): aggregated logits
+        average = ensemble.with_aggregation("average")                  # the same members, another aggregation
+    """
 
     def __init__(self, members: list[nn.Module], aggregation: str = "average", steps: int = 10, lr: float = 1.0,
                  floor: float = 0.05, padding: int = 4, flip: bool = True, seed: int = 0,
@@ -137,3 +148,46 @@ class SubModelEnsemble(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_weights(x)[0]
+
+    def with_aggregation(self, aggregation: str, **changes) -> "SubModelEnsemble":
+        """The same members (shared, not copied) under another aggregation and settings."""
+        settings = {**self.settings, **changes}
+        settings.pop("aggregation")
+        return SubModelEnsemble(list(self.members), aggregation, **settings)
+
+    @torch.no_grad()
+    def learn_group_weights(self, batches: Iterable[torch.Tensor]) -> list[float]:
+        """SADE's group-level weights (:func:`group_weights`) from unlabelled normalised ``batches``."""
+        s, n = self.settings, len(self.members)
+        views = [view_probabilities(lambda t, v: self.members[t](v), n, x, s["padding"], s["flip"], s["seed"])
+                 for x in batches]
+        return [round(float(v), 6) for v in group_weights(views, s["steps"], s["lr"], s["floor"])]
+
+
+@torch.no_grad()
+def aggregation_report(ensemble: SubModelEnsemble, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                       membership: dict, sync: Callable[[], None] = lambda: None) -> dict:
+    """The prediction cost per image of ``ensemble`` over labelled ``batches`` and, where its aggregation
+    weighs each image (``instance``), the mean ``lambda_t`` per class group of the true label (DO's Table 9;
+    ``membership`` maps a class to its group). ``sync`` waits for the device before each clock reading."""
+    lams, labels, elapsed, seen = [], [], 0.0, 0
+    for x, y in batches:
+        sync()
+        start = time.perf_counter()
+        _, lam = ensemble.forward_with_weights(x)
+        sync()
+        elapsed += time.perf_counter() - start
+        seen += len(y)
+        if lam is not None:
+            lams.append(lam.cpu())
+            labels += [int(c) for c in y]
+    out = {"aggregation": ensemble.settings["aggregation"], "ms_per_image": round(1000 * elapsed / max(1, seen), 4)}
+    if lams:
+        lam = torch.cat(lams).double()
+        table = {}
+        for g in ("many", "medium", "few"):
+            rows = torch.tensor([membership[c] == g for c in labels])
+            if rows.any():
+                table[g] = [round(float(v), 4) for v in lam[rows].mean(0)]
+        out["mean_lambda_per_group"] = table  # Table 9: one list (lambda_1..T) per group
+    return out

@@ -11,28 +11,15 @@ from typing import Callable
 
 from torch import nn
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+from ..registry import Registry
 
-
-def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator registering a factory ``fn(num_classes, **kw) -> nn.Module`` under ``name``."""
-
-    def decorator(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _REGISTRY and _REGISTRY[name] is not fn:
-            raise ValueError(f"model {name!r} is already registered")
-        _REGISTRY[name] = fn
-        return fn
-
-    return decorator
-
-
-def list_models() -> list[str]:
-    return sorted(_REGISTRY)
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model.name")
+register_model = MODELS.register  # decorator registering a factory ``fn(num_classes, **kw) -> nn.Module``
+list_models = MODELS.names
 
 
 def build_model(name: str, num_classes: int, **kw) -> nn.Module:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    factory = MODELS.get(name)
     if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     num_classes = int(num_classes)
@@ -41,6 +28,6 @@ def build_model(name: str, num_classes: int, **kw) -> nn.Module:
         arch = json.loads(json.dumps(arch))
     except (TypeError, ValueError) as exc:
         raise TypeError(f"model options must be JSON-serialisable: {kw!r}") from exc
-    model = _REGISTRY[name](num_classes=num_classes, **kw)
+    model = factory(num_classes=num_classes, **kw)
     model.arch = arch
     return model

@@ -28,7 +28,10 @@ Normalisation before mixing (:func:`normalise`): each criterion's vector is divi
 Euclidean norm over the live channels), ``mean`` (its mean) or ``max`` (its maximum). Pruned channels score 0.
 ``group-mean`` (an option, not the paper's) divides by the mean within each channel group instead, as the
 pruning baselines do: a residual-stream channel's vector spans many tensors, so un-normalised sums favour it
-over block-internal channels under a global ranking.
+over block-internal channels under a global ranking. Under ``group-mean`` ``avg_magnitude`` is ``magnitude`` again:
+the channels of one group own equally many live elements (the same producer inputs, the same consumer outputs),
+so ``||w_c|| / n_c`` is ``||w_c||`` times a per-group constant that the group mean divides out; LTAP's default
+criteria leave it out there (:class:`~tailwise.methods.ltap.pruner.LTAPOptions`).
 The mixed score is ``S_c = sum_k alpha_k * normalised_k[c]`` (paper eq. 1, :func:`mix`).
 
 Cost: every step of the window does three ``torch._foreach_mul`` calls over the group tensors, one stack and one

@@ -1,147 +1,183 @@
-"""``method: ltap`` -- the Long-Tailed Adaptive Pruner (paper sections 2-4, App. D-E), on the shared structured
-pruning machinery (:class:`tailwise.methods.pruning.StructuredPruning`: schedule, budgets, global bottom-K
-selection, masks on weights/gradients/momentum, physical compression).
+"""``tailwise.LTAP`` -- the Long-Tailed Adaptive Pruner (paper sections 2-4, App. D-E) as a standalone pruner on
+the shared structured pruning machinery (:class:`tailwise.methods.pruning.StructuredPruner`: budgets, global
+bottom-K selection, masks on weights/gradients/momentum, physical compression).
 
-Per stage: the five criteria (:mod:`.criteria`) are computed over the scoring window (default: the epoch that
-ends with the stage), each normalised over all live channels, mixed as ``S = sum_k alpha_k s_k`` over the active
-criteria, and the globally lowest-``S`` live channels are removed until the stage's budget is met.
+Per stage: the five criteria (:mod:`.criteria`) are computed over the scoring window (the ``observe`` calls since
+the last stage), each normalised over all live channels, mixed as ``S = sum_k alpha_k s_k`` over the active
+criteria (eq. 1), and the globally lowest-``S`` live channels are removed until the stage's budget is met.
 
 ``vote`` chooses ``alpha``:
 
-* ``adaptive`` (default): LT-Vote (:mod:`.vote`) from per-class validation accuracy. A *round* is closed at every
-  pruning stage (``vote_every: stage``, default) -- section 2.3's loop "prune, then update the weights from the
-  pruned model's validation performance, repeat" and App. D's "T rounds of pruning": the votes of the round that
-  ends at stage ``k+1`` go to the criteria that chose stage ``k``'s channels, comparing the validation accuracy just
-  before stage ``k+1`` with that just before stage ``k`` (the last round closes ``stage_interval`` epochs after the
-  last stage, for the record). ``vote_every: epoch`` closes a round at every epoch end from the first stage to
-  that point (the public code's per-epoch cadence; rounds without a stage credit criteria that changed nothing).
+* ``trial`` (default; beyond the paper): at every stage, before pruning, each criterion prunes a copy of the model
+  to the stage's budget alone (:mod:`.trial`: weights restored bit for bit, BatchNorm statistics, optimizer and RNG
+  untouched) and is evaluated on the validation split; LT-Vote (:mod:`.vote`) credits each criterion per class
+  against the mean over criteria, Proposition 1's class weights turn votes into importance (eq. 4), ``alpha =
+  softmax(I / tau)`` (eq. 5), one criterion is suppressed (section 2.2), and the stage prunes with that updated
+  ``alpha``. Why: read literally, eq. 6 credits one accuracy change to every active criterion alike, so the weights
+  move only through the random suppression (issue #21); the trial gives each criterion its own evidence. Cost per
+  stage: one validation evaluation per criterion, plus one of the mixed mask (recorded).
+* ``paper``: the literal reading (eq. 6): a round closes at every stage (or, in the trainer, every epoch of the
+  pruning phase); every criterion active in the round that just ended gets a vote for each class whose validation
+  accuracy rose since the previous round. ``adaptive``, its former name, still loads (with a warning).
 * ``uniform``: ``alpha_k = 1/K`` over the selected criteria, no suppression ("w.o. vote" in the paper).
 * ``public-code``: the public code's effective behaviour (audit section 3): the fixed weights magnitude 0,
   avg_magnitude 1.25, cosine 1, taylor-1 1, taylor-2 1 (normalised to sum 1 for reporting; the ranking is the
   same), ``second_order: public-code`` and one-shot pruning (``stages: 1``) unless set explicitly.
 
-Paper defaults: ``start_epoch`` 100 of 200 ("continuous pruning after the 100th epoch"), 30% of the parameters
-kept (``target_params: 0.3``), ``stages`` P = 5 (eq. 7), ``tau`` 0.5 (section 4.1's "pau"), hard zeroing (section
-2.2 (iii): "setting the weights ... to zero"). ``stage_interval`` is not given by the paper: 10 epochs (the last
-stage at epoch 140, before the LR drops at 160, leaving 60 epochs of fine-tuning).
+Paper defaults: ``stages`` P = 5 (eq. 7), ``tau`` 0.5 (section 4.1's "pau"), hard zeroing (section 2.2 (iii):
+"setting the weights ... to zero"), tail-biased class weights (Proposition 1).
+
+The budget and the normalisation are chosen to land at the paper's operating point, which keeps 30% of the
+parameters at F = 22.6-24% of the dense MACs: with no target given, ``target_macs: 0.25`` (F = 25% by
+construction), and ``normalize: group-mean``. Measured from the Balanced Softmax ResNet-32 epoch-99 checkpoint
+(CIFAR-10-LT IR 100, uniform mix, 5 stages, ``round_to`` 8, gradient criteria from random inputs;
+``benchmarks/ltap_budget_probe.py``): ``target_params: 0.3`` ends at F = 49% under either
+normalisation (``round_to: 8`` keeps at least 8 of the first stage's 16 channels; at ``round_to: 1``, group-mean
+reaches F = 28%); ``target_macs: 0.25`` keeps 18.7% of the parameters under group-mean and 10.7% under the public
+code's global l2, which protects the residual-stream channels (their vectors span many tensors) and strips the
+block-internal ones. What moves F: ``target_macs`` sets it; at a parameter budget, ``normalize`` and ``round_to``.
+Under group-mean ``avg_magnitude`` duplicates ``magnitude`` (:mod:`.criteria`), so the default criteria are the
+other four. The trainer's schedule (``start_epoch`` 100 of 200, ``stage_interval`` 10) is
+:class:`~tailwise.methods.ltap.method.LTAPMethod`'s.
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
+from torch import nn
 
-from ...config import bounded, choice
+from ...data.longtail import ShotGroups, shot_groups
 from ...errors import ConfigError
-from .. import register_method
-from ..pruning import PruningOptions, StructuredPruning, check_pruning_options
+from ...eval.metrics import group_accuracy
+from ...options import bounded, choice
+from ..pruning import PruningOptions, StructuredPruner, _identity
 from .criteria import (CRITERIA, GRADIENT_CRITERIA, NORMALISATIONS, SECOND_ORDER, ChannelLayout, CriteriaAccumulator,
                        mix, normalise)
-from .vote import CLASS_WEIGHTS, INCREMENTS, LTVote, class_weights
+from .trial import loader_accuracy, trial_accuracy
+from .vote import CLASS_WEIGHTS, INCREMENTS, LTVote, as_accuracy, class_weights
 
-VOTES = ("adaptive", "uniform", "public-code")
+VOTES = ("trial", "paper", "uniform", "public-code", "adaptive")  # adaptive: the former name of paper
 # the public code's weights at the pruning step (audit section 3: the vote never updates, magnitude is suppressed)
 PUBLIC_CODE_WEIGHTS = {"magnitude": 0.0, "avg_magnitude": 1.25, "cosine_similarity": 1.0,
                        "taylor_first_order": 1.0, "taylor_second_order": 1.0}
 
 
+DUPLICATE_UNDER_GROUP_MEAN = (
+    "method.criteria: under normalize: group-mean, avg_magnitude ranks channels exactly as magnitude does (the "
+    "channels of a group own equally many live elements, so ||w_c|| / n_c is ||w_c|| times a per-group constant, "
+    "which the group mean divides out): the vote counts one criterion twice and uniform gives it double weight")
+
+
 @dataclass
 class LTAPOptions(PruningOptions):
     stages: int | None = bounded(None, 1)  # P; None: 5 (paper), or 1 (one-shot) with vote: public-code
-    stage_interval: int = bounded(10, 1)  # epochs between stages (not in the paper)
-    # per-criterion scale over all live channels: l2 (public code) | mean | max | group-mean
-    normalize: str = choice(*NORMALISATIONS, default="l2")
-    # adaptive (LT-Vote) | uniform (w.o. vote) | public-code (fixed 0/1.25/1/1/1, one-shot)
-    vote: str = choice(*VOTES, default="adaptive")
-    criteria: list[str] = field(default_factory=lambda: list(CRITERIA))  # subset of the five, any order
+    stage_interval: int = bounded(10, 1)  # trainer: epochs between stages (not in the paper)
+    # per-criterion scale: group-mean (within each channel group) | l2 (public code) | mean | max (over all live
+    # channels of the network)
+    normalize: str = choice(*NORMALISATIONS, default="group-mean")
+    # trial (per-criterion trial masks) | paper (eq. 6 literally) | uniform (w.o. vote) | public-code
+    vote: str = choice(*VOTES, default="trial")
+    # subset of the five, any order; None: all five, but avg_magnitude under group-mean (where it equals magnitude)
+    criteria: list[str] | None = None
     class_weights: str = choice(*CLASS_WEIGHTS, default="tail")  # tail (Proposition 1) | counts | inverse | uniform
     tau: float = bounded(0.5, 0.0, low_open=True)  # softmax temperature (section 4.1)
     second_order: str | None = None  # fisher (default) | public-code (0.5 <w,g>^2; default with vote: public-code)
-    vote_every: str = choice("stage", "epoch", default="stage")  # when an LT-Vote round closes
-    vote_increment: str = choice(*INCREMENTS, default="indicator")  # indicator (eq. 6: +1) | gain (gain / 100, Lemma A)
+    vote_every: str = choice("stage", "epoch", default="stage")  # vote: paper -- when a round closes
+    # indicator: +1 per class above the comparison (eq. 6) | gain: + the margin / 100 (Lemma A); the comparison is
+    # the mean over criteria (trial) or the previous round's accuracy (paper)
+    vote_increment: str = choice(*INCREMENTS, default="indicator")
     suppression: str = choice("inverse", "none", default="inverse")  # inverse: one criterion per round, p ∝ 1/alpha
-    score_window: int = bounded(1, 1)  # epochs before each stage over which gradient criteria accumulate
+    score_window: int = bounded(1, 1)  # trainer: epochs before each stage over which gradient criteria accumulate
+
+    def __post_init__(self):
+        if self.target_params is None and self.target_macs is None and self.target_sparsity is None:
+            self.target_macs = 0.25  # F = 25%: the paper's operating point (F 22.6-24% at 30% of the parameters)
+        super().__post_init__()
+        if self.vote == "adaptive":
+            warnings.warn("method.vote: 'adaptive' is now called 'paper' (the literal reading of eq. 6); the "
+                          "default is 'trial'", FutureWarning, stacklevel=2)
+            self.vote = "paper"
+        if self.stages is None:
+            self.stages = 1 if self.vote == "public-code" else 5
+        if self.second_order is None:
+            self.second_order = "public-code" if self.vote == "public-code" else "fisher"
+        if self.second_order not in SECOND_ORDER:
+            raise ConfigError(f"method.second_order: {self.second_order!r} is not allowed; allowed: "
+                              f"{', '.join(SECOND_ORDER)}")
+        if self.criteria is None:
+            self.criteria = [c for c in CRITERIA if not (c == "avg_magnitude" and self.normalize == "group-mean")]
+        if not self.criteria:
+            raise ConfigError("method.criteria: give at least one of " + ", ".join(CRITERIA))
+        unknown = [c for c in self.criteria if c not in CRITERIA]
+        if unknown:
+            raise ConfigError(f"method.criteria: {unknown[0]!r} is not allowed; allowed: {', '.join(CRITERIA)}")
+        if len(set(self.criteria)) != len(self.criteria):
+            raise ConfigError(f"method.criteria: {self.criteria} lists a criterion twice")
+        self.criteria = [c for c in CRITERIA if c in self.criteria]  # canonical order
+        if self.normalize == "group-mean" and {"magnitude", "avg_magnitude"} <= set(self.criteria):
+            warnings.warn(DUPLICATE_UNDER_GROUP_MEAN, UserWarning, stacklevel=2)
+        if self.vote == "public-code" and not any(PUBLIC_CODE_WEIGHTS[c] > 0 for c in self.criteria):
+            raise ConfigError("method.criteria: with vote: public-code, magnitude alone has weight 0; "
+                              "add another criterion")
 
 
-def check_ltap_options(o: LTAPOptions, cfg) -> None:
-    if o.stages is None:
-        o.stages = 1 if o.vote == "public-code" else 5
-    if o.second_order is None:
-        o.second_order = "public-code" if o.vote == "public-code" else "fisher"
-    if o.second_order not in SECOND_ORDER:
-        raise ConfigError(f"method.second_order: {o.second_order!r} is not allowed; allowed: {', '.join(SECOND_ORDER)}")
-    if not o.criteria:
-        raise ConfigError("method.criteria: give at least one of " + ", ".join(CRITERIA))
-    unknown = [c for c in o.criteria if c not in CRITERIA]
-    if unknown:
-        raise ConfigError(f"method.criteria: {unknown[0]!r} is not allowed; allowed: {', '.join(CRITERIA)}")
-    if len(set(o.criteria)) != len(o.criteria):
-        raise ConfigError(f"method.criteria: {o.criteria} lists a criterion twice")
-    o.criteria = [c for c in CRITERIA if c in o.criteria]  # canonical order
-    if o.vote == "public-code" and not any(PUBLIC_CODE_WEIGHTS[c] > 0 for c in o.criteria):
-        raise ConfigError("method.criteria: with vote: public-code, magnitude alone has weight 0; "
-                          "add another criterion")
-    check_pruning_options(o, cfg)
-    if o.score_window > o.start_epoch or (o.stages > 1 and o.score_window > o.stage_interval):
-        raise ConfigError(f"method.score_window: {o.score_window} must be <= start_epoch and (with several stages) "
-                          "<= stage_interval")
+class LTAP(StructuredPruner):
+    """LTAP on any PyTorch model and loop (module docstring).
 
+    ``class_counts``: training images per class (Proposition 1's vote weights); ``groups``: the many / medium /
+    few membership the records use (default: from ``class_counts``, thresholds 100 / 20); the options are
+    :class:`LTAPOptions`' fields. ``step(val)`` takes the validation feedback of the vote: a loader of ``(x, y)``
+    batches, or a function returning the model's per-class accuracy in percent.
 
-@register_method
-class LTAPPruning(StructuredPruning):
-    """LTAP: multi-criteria structured pruning with LT-Vote criterion weights (module docstring)."""
+    >>> import torch, tailwise
+    >>> from tailwise.models import build_model
+    >>> model = build_model("resnet20", 3)
+    >>> x, y = torch.randn(12, 3, 32, 32), torch.arange(12) % 3
+    >>> ltap = tailwise.LTAP(model, x[:1], class_counts=[100, 30, 5], target_params=0.5, stages=2)
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    >>> for stage in range(2):
+    ...     loss = torch.nn.functional.cross_entropy(model(x), y)
+    ...     opt.zero_grad(); ltap.observe(loss); opt.step(); ltap.enforce(opt)
+    ...     event = ltap.step([(x, y)])  # trial vote on the validation batches, then prune
+    >>> small = ltap.compress()
+    >>> sum(p.numel() for p in small.parameters()) <= 0.5 * sum(p.numel() for p in model.parameters())
+    True
+    """
 
-    name = "ltap"
-    summary = ("LTAP: multi-stage structured pruning, five criteria mixed with weights set by LT-Vote from per-class "
-               "validation accuracy")
     Options = LTAPOptions
 
-    def __init__(self, options: LTAPOptions):
-        super().__init__(options)
-        o = options
-        if o.stages is None or o.second_order is None:  # built without check_options (direct use)
-            o = self.options = dataclasses.replace(o)
-            o.stages = o.stages if o.stages is not None else (1 if o.vote == "public-code" else 5)
-            o.second_order = o.second_order or ("public-code" if o.vote == "public-code" else "fisher")
-        self.computed = [c for c in o.criteria if o.vote != "public-code" or PUBLIC_CODE_WEIGHTS[c] > 0]
-        self.wants_gradients = any(c in GRADIENT_CRITERIA for c in self.computed)
-        self.vote: LTVote | None = None
-
-    @classmethod
-    def check_options(cls, options, cfg) -> None:
-        check_ltap_options(options, cfg)
-
-    # ---------------------------------------------------------------------------------------------- set-up
-    def setup(self, ctx) -> None:
-        super().setup(ctx)
+    def __init__(self, model: nn.Module, example_inputs: torch.Tensor, class_counts: Sequence[int],
+                 options: LTAPOptions | None = None, *, seed: int = 0, groups: ShotGroups | None = None, **kwargs):
+        super().__init__(model, example_inputs, options, seed=seed, **kwargs)
         o = self.options
-        self.device = ctx.device
-        self.class_w = class_weights(ctx.data.class_counts, o.class_weights)
-        self.membership = list(ctx.data.groups.membership)
-        self.vote_split = ctx.cfg.data.val
-        if o.vote == "adaptive":
+        self.class_counts = list(class_counts)
+        self.class_w = class_weights(self.class_counts, o.class_weights)
+        self.shot_groups = groups if groups is not None else shot_groups(self.class_counts)
+        self.vote: LTVote | None = None
+        self.round_record: dict | None = None  # the vote's record of the last stage
+        self.trial_times: list[float] = []  # seconds the trials took, per stage (wall clock)
+        if o.vote in ("trial", "paper"):
             self.vote = LTVote(o.criteria, self.class_w, o.tau, o.suppression == "inverse", o.vote_increment,
-                               seed=ctx.cfg.run.seed)
-        last, end = self.stage_epochs[-1], ctx.cfg.train.epochs
-        close = [last + o.stage_interval] if last + o.stage_interval <= end else []
-        if o.vote_every == "stage":
-            self.vote_epochs = self.stage_epochs + close
-        else:
-            self.vote_epochs = list(range(self.stage_epochs[0], (close or [last])[0] + 1))
+                               seed=seed)
+
+    @property
+    def computed(self) -> list[str]:
+        """The criteria computed at a stage (all selected ones but those public-code weighs 0)."""
+        o = self.options
+        return [c for c in o.criteria if o.vote != "public-code" or PUBLIC_CODE_WEIGHTS[c] > 0]
+
+    @property
+    def wants_gradients(self) -> bool:
+        return any(c in GRADIENT_CRITERIA for c in self.computed)
 
     def build_structures(self, model) -> None:
         super().build_structures(model)
         self.layout = ChannelLayout(model, self.groups)
         self.accumulator = CriteriaAccumulator(self.layout, self.computed, self.options.second_order)
-
-    def in_scoring_window(self, epoch: int) -> bool:
-        """Epoch ``epoch`` (0-based) is one of the ``score_window`` epochs that end with a stage."""
-        return any(0 <= s - (epoch + 1) < self.options.score_window for s in self.stage_epochs)
-
-    def first_active_epoch(self) -> int:
-        """The first epoch of the first scoring window (LT-Vote's reference round closes at the first stage)."""
-        return self.options.start_epoch - self.options.score_window
 
     # ---------------------------------------------------------------------------------------------- weights
     def alpha(self) -> dict[str, float]:
@@ -157,40 +193,70 @@ class LTAPPruning(StructuredPruning):
     def suppressed(self) -> str | None:
         return self.vote.suppressed_name() if self.vote is not None else None
 
-    # ---------------------------------------------------------------------------------------------- hooks
-    def accumulate(self, ctx) -> None:
-        scaler = ctx.trainer.scaler
-        self.accumulator.accumulate(ctx.model, scaler.get_scale() if scaler.is_enabled() else 1.0)
+    # ------------------------------------------------------------------------------------------------ loop
+    def accumulate(self, grad_scale: float = 1.0) -> None:
+        self.accumulator.accumulate(self.model, grad_scale)
 
-    def on_epoch_end(self, ctx, epoch: int, val: dict | None) -> dict:
-        vote_record = self._close_round(epoch, val)
-        record = super().on_epoch_end(ctx, epoch, val)  # prunes with the alpha now in force
-        if "pruning_stage" in record:
-            record["pruning_stage"].update(alpha=self.alpha(), suppressed=self.suppressed(),
-                                           agreement=self._agreement())
-        record["ltap_alpha"] = {k: round(v, 6) for k, v in self.alpha().items()}
-        record["ltap_suppressed"] = self.suppressed()
-        if vote_record is not None:
-            record["ltap_vote"] = vote_record
-        return record
+    def close_round(self, accuracy) -> dict | None:
+        """``vote: paper``: close an LT-Vote round with the model's per-class validation accuracy (percent); the
+        first call records the reference (returns None)."""
+        return self.vote.observe(accuracy)
 
-    def _close_round(self, epoch: int, val: dict | None) -> dict | None:
-        if self.vote is None or (epoch + 1) not in self.vote_epochs:
-            return None
-        if not val or val.get("per_class") is None:
-            return {"skipped": "no per-class validation accuracy this epoch"}
-        record = self.vote.observe(val["per_class"])
-        return record if record is not None else {"round": 0, "reference": True}
+    def evaluator(self, val):
+        """``val`` as a function returning per-class accuracy: itself if callable, else a loader of ``(x, y)``."""
+        if val is None or callable(val):
+            return val
+        return loader_accuracy(self.model, val, len(self.class_counts))
 
-    def scores(self, ctx, epoch: int, val: dict | None) -> list[torch.Tensor]:
+    def step(self, val=None, *, reduce=_identity, decay_steps: int | None = None, **record) -> dict:
+        """One LTAP stage: criteria, vote (``trial``: trial masks on ``val``; ``paper``: a round closed with the
+        accuracy of the model on ``val``, when given), mix, prune. The vote's record is ``self.round_record``,
+        the trials' wall-clock time ``self.trial_times[-1]``."""
+        evaluate = self.evaluator(val)
+        if self.options.vote == "trial" and evaluate is None:
+            raise ValueError("LTAP with vote: trial needs validation feedback: step(val_loader)")
+        self.round_record = None
+        if self.options.vote == "paper" and evaluate is not None:
+            self.round_record = self.close_round(as_accuracy(evaluate()))
+        event = super().step(evaluate, reduce=reduce, decay_steps=decay_steps, **record)
+        event.update(alpha=self.alpha(), suppressed=self.suppressed(), agreement=self._agreement())
+        if self.options.vote == "trial":
+            self.round_record["mixed"] = self._accuracy_record(self._trial({}, evaluate))
+        return event
+
+    def scores(self, val=None, reduce=_identity) -> list[torch.Tensor]:
         live = [self.masks.live(i) for i in range(len(self.groups))]
         flat_live = torch.cat(live)
-        raw = self.accumulator.compute(ctx.model, live)
+        raw = self.accumulator.compute(self.model, live)
         self.accumulator.reset()
         segments = [(o, g.size) for o, g in zip(self.layout.offsets, self.groups)]
-        normalised = {k: normalise(v.cpu(), flat_live, self.options.normalize, segments) for k, v in raw.items()}
+        names = list(raw)
+        normalised = dict(zip(names, reduce([normalise(raw[k].cpu(), flat_live, self.options.normalize, segments)
+                                             for k in names])))  # identical on every process
         self._last = (normalised, flat_live)
+        if self.options.vote == "trial":
+            self.round_record = self._trial_vote(normalised, val)
         return self.layout.split(mix(normalised, self.alpha()))
+
+    def _trial(self, selection: dict[int, torch.Tensor], evaluate) -> torch.Tensor:
+        live = [self.masks.live(i) for i in range(len(self.groups))]
+        return trial_accuracy(self.model, self.groups, self.layout.tensors(self.model), live, selection, evaluate)
+
+    def _accuracy_record(self, accuracy: torch.Tensor) -> dict:
+        groups = group_accuracy(accuracy, self.shot_groups)
+        return {"per_class": [None if a != a else round(float(a), 4) for a in accuracy],
+                "groups": {g: None if v is None else round(v, 4) for g, v in groups.items()}}
+
+    def _trial_vote(self, normalised: dict[str, torch.Tensor], evaluate) -> dict:
+        """Every criterion's trial at this stage's budget, then one LT-Vote round (eq. 4-6 with the trial credit)."""
+        start = time.perf_counter()
+        stage = self.stage + 1
+        accuracy = {k: self._trial(self.select(self.layout.split(normalised[k]), stage), evaluate)
+                    for k in self.vote.criteria}
+        record = self.vote.observe_trials([accuracy[k] for k in self.vote.criteria])
+        record["trials"] = {k: self._accuracy_record(a) for k, a in accuracy.items()}
+        self.trial_times.append(round(time.perf_counter() - start, 3))  # wall clock: not in the vote's history
+        return record
 
     def select(self, scores: list[torch.Tensor], stage: int) -> dict[int, torch.Tensor]:
         self._selection = super().select(scores, stage)
@@ -214,38 +280,45 @@ class LTAPPruning(StructuredPruning):
     # -------------------------------------------------------------------------------------------- results
     def describe(self) -> dict:
         o = self.options
-        out = super().describe()
-        by_group = {g: float(self.class_w[[c for c, m in enumerate(self.membership) if m == g]].sum())
-                    for g in ("many", "medium", "few") if g in self.membership}
-        out["ltap"] = {
+        membership = list(self.shot_groups.membership)
+        by_group = {g: float(self.class_w[[c for c, m in enumerate(membership) if m == g]].sum())
+                    for g in ("many", "medium", "few") if g in membership}
+        return {"overhead": {"trial_s_per_stage": list(self.trial_times)}, "ltap": {
             "alpha_final": self.alpha(),
             "suppressed_final": self.suppressed(),
-            "vote_epochs": self.vote_epochs,
-            "vote_split": self.vote_split,
             "class_weights": {"kind": o.class_weights, "by_group": by_group},
-            "vote_matrix": self.vote.summary(self.membership) if self.vote is not None else None,
+            "vote_matrix": self.vote.summary(membership) if self.vote is not None else None,
             "rounds": self.vote.history if self.vote is not None else [],
             "choices": {
                 "groups": "structured channels; a channel's vector = all its group members' slices",
+                "criteria": ("avg_magnitude left out: under group-mean it ranks channels as magnitude does"
+                             if o.normalize == "group-mean" and "avg_magnitude" not in o.criteria
+                             else "as selected"),
+                "budget": "target_macs 0.25 when no target is given (the paper's F)",
                 "normalisation": (f"{o.normalize} over all live channels of the network, per criterion"
                                   if o.normalize != "group-mean" else "mean within each group, per criterion"),
                 "cosine": "1 + mean over the window of cos(w, minibatch loss gradient)",
                 "second_order": ("0.5 * sum_i mean_t(g_i^2) * w_i^2 (Fisher diagonal)" if o.second_order == "fisher"
                                  else "mean over the window of 0.5 * <w, g>^2 (public code)"),
-                "rounds": "one per pruning stage" if o.vote_every == "stage" else "one per epoch of the pruning phase",
+                "vote": {"trial": "per stage, each criterion's trial mask at the stage budget on validation; "
+                                  f"credit ({o.vote_increment}) against the per-class mean over criteria; every "
+                                  "criterion votes every round (beyond the paper: eq. 6 has no k)",
+                         "paper": "eq. 6 literally: the criteria active in a round share its accuracy gains",
+                         "uniform": "alpha = 1/K, no suppression (w.o. vote)",
+                         "public-code": "fixed weights 0/1.25/1/1/1 (audit section 3)"}[o.vote],
                 "suppression": ("p(m) ∝ 1/alpha_m, weight redistributed uniformly" if o.suppression == "inverse"
                                 else "none"),
                 "importance": "I = D @ w / rounds, alpha = softmax(I / tau)",
             },
-        }
-        return out
+        }}
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "accumulator": self.accumulator.state_dict(),
-                "vote": self.vote.state_dict() if self.vote is not None else None}
+                "vote": self.vote.state_dict() if self.vote is not None else None, "trial_times": list(self.trial_times)}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.accumulator.load_state_dict(state["accumulator"], self.device)
+        self.accumulator.load_state_dict(state["accumulator"], next(self.model.parameters()).device)
         if self.vote is not None:
             self.vote.load_state_dict(state["vote"])
+        self.trial_times = list(state["trial_times"])

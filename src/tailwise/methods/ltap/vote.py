@@ -3,7 +3,22 @@
 State: the vote matrix ``D`` (K criteria x C classes, zeros at the start), the per-class accuracy of the previous
 round, the number of closed rounds ``R``, the weights ``alpha`` in force and the suppressed criterion.
 
-A round closes with :meth:`LTVote.observe` (per-class accuracy ``A`` in percent, from the validation split):
+Two kinds of round share the steps 2-4 below and differ in what earns a vote (step 1):
+
+* :meth:`LTVote.observe_trials` (``vote: trial``, the default): at a pruning stage every criterion ``k`` prunes a
+  copy of the model to the stage's budget alone and is evaluated on the same validation images (``A[k, c]``,
+  percent). The comparison for class ``c`` is the mean over the criteria, ``mean_k A[k, c]``: ``D[k, c] += 1`` when
+  ``A[k, c]`` is above it (``increment="indicator"``) or ``+= (A[k, c] - mean) / 100`` when positive
+  (``increment="gain"``). Every criterion votes in every round, the suppressed one included. This goes beyond the
+  paper: eq. 6, ``D_k[c] += 1(A_c^(t) > A_c^(t-1))``, has no ``k`` on its right-hand side, so read literally every
+  active criterion receives the same votes and the weights move only through the random suppression; the trial
+  gives each criterion its own, paired, counterfactual accuracy at the moment its ranking is used. Why the mean
+  over criteria as the comparison: it needs no extra evaluation (no unpruned reference), treats the criteria
+  symmetrically, and credits a criterion only where it does better than the alternatives at the same budget (a
+  criterion as good as the others earns nothing; the class weights then make the tail's classes count most).
+* :meth:`LTVote.observe` (``vote: paper``, the literal reading): per-class accuracy ``A`` of the model as trained.
+
+A paper round closes with :meth:`LTVote.observe` (per-class accuracy ``A`` in percent, from the validation split):
 
 1. votes (eq. 6): for every class ``c`` with ``A_c > A_c^prev`` (strictly; classes without validation samples
    never improve), every criterion *active in the round that just ended* (``alpha_k > 0``: selected and not
@@ -18,7 +33,7 @@ A round closes with :meth:`LTVote.observe` (per-class accuracy ``A`` in percent,
    D's ``alpha_j + alpha_j / (K - 1)`` would not keep ``sum(alpha) = 1``).
 
 Before any round (``R = 0``) ``I = 0``: uniform weights with one criterion suppressed (drawn at construction).
-``D`` is only ever updated by an outer-product addition (no advanced indexing, whose results are copies), the
+``D`` is only ever updated by adding a full ``K x C`` matrix (no advanced indexing, whose results are copies), the
 softmax runs over the criteria dimension of a 1-D vector, and the redistribution uses a boolean mask: the three
 defects of the public code (``../shared/reference/ltap-public-code-audit.md`` section 3) cannot occur.
 """
@@ -54,6 +69,11 @@ def class_weights(counts: Sequence[int], kind: str = "tail") -> torch.Tensor:
     return w / w.sum()
 
 
+def as_accuracy(values) -> torch.Tensor:
+    """Per-class accuracy as a float64 vector (``None`` -> NaN: a class without validation samples)."""
+    return torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float64)
+
+
 class LTVote:
     def __init__(self, criteria: Sequence[str], weights: torch.Tensor, tau: float = 0.5, suppress: bool = True,
                  increment: str = "indicator", seed: int = 0):
@@ -70,7 +90,7 @@ class LTVote:
         self.D = torch.zeros(len(self.criteria), len(self.w), dtype=torch.float64)
         self.rounds = 0
         self.prev: torch.Tensor | None = None
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.generator = torch.Generator().manual_seed(int(seed) % 2**64)
         self.history: list[dict] = []
         self.alpha, self.suppressed = self.draw()
 
@@ -104,17 +124,13 @@ class LTVote:
         return None if self.suppressed is None else self.criteria[self.suppressed]
 
     # ------------------------------------------------------------------------------------------- rounds
-    @staticmethod
-    def _as_accuracy(accuracy) -> torch.Tensor:
-        return torch.tensor([float("nan") if a is None else float(a) for a in accuracy], dtype=torch.float64)
-
     def observe(self, accuracy: Sequence[float | None]) -> dict | None:
         """Close a round with per-class accuracy ``accuracy`` (percent, ``None`` for a class without samples).
 
         The first call only records the reference accuracy (returns None). Later calls vote, recompute and
         redraw ``alpha`` and return the round's record.
         """
-        acc = self._as_accuracy(accuracy)
+        acc = as_accuracy(accuracy)
         if acc.numel() != self.D.shape[1]:
             raise ValueError(f"LT-Vote: {acc.numel()} per-class accuracies for {self.D.shape[1]} classes")
         if self.prev is None:
@@ -132,6 +148,29 @@ class LTVote:
         record = {"round": self.rounds, "improved_classes": int(improved.sum()),
                   "alpha_used": used_alpha, "suppressed_used": used_suppressed,
                   "votes": {k: float(v) for k, v in zip(self.criteria, (active.double() * float(step.sum())))},
+                  "alpha": self.alpha_dict(), "suppressed": self.suppressed_name()}
+        self.history.append(record)
+        return record
+
+    def observe_trials(self, accuracy) -> dict:
+        """Close a trial round: ``accuracy[k][c]`` is class ``c``'s validation accuracy (percent; NaN / None
+        without samples) of the model pruned by criterion ``k`` alone (rows in ``self.criteria`` order). Credits
+        every criterion against the per-class mean over criteria (module docstring), recomputes and redraws
+        ``alpha`` and returns the round's record."""
+        acc = torch.stack([as_accuracy(row) for row in accuracy])
+        if acc.shape != self.D.shape:
+            raise ValueError(f"LT-Vote: trial accuracies of shape {tuple(acc.shape)}, expected {tuple(self.D.shape)}")
+        margin = acc - acc.mean(0, keepdim=True)
+        better = margin > 1e-9  # NaN compares False; the tolerance absorbs the rounding of the mean
+        step = better.double() if self.increment == "indicator" else torch.where(better, margin / 100.0, 0.0)
+        self.D += step
+        self.rounds += 1
+        base = self.base_alpha()
+        self.alpha, self.suppressed = self.draw()
+        record = {"round": self.rounds,
+                  "votes": {k: float(v) for k, v in zip(self.criteria, step.sum(1))},
+                  "weighted_votes": {k: float(v) for k, v in zip(self.criteria, step @ self.w)},
+                  "alpha_base": {k: float(a) for k, a in zip(self.criteria, base)},
                   "alpha": self.alpha_dict(), "suppressed": self.suppressed_name()}
         self.history.append(record)
         return record

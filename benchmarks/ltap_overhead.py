@@ -1,10 +1,11 @@
-"""Measure LTAP's training overhead over the dense run: ``python -m tailwise.methods.ltap.overhead``.
+"""Measure LTAP's training overhead over the dense run: ``python benchmarks/ltap_overhead.py``.
 
 ResNet-32 on CIFAR-sized batches (128 x 3 x 32 x 32, 10 classes), one thread by default. Times, per optimizer
 step, the dense work (forward, backward, SGD step) and LTAP's hooks on top of it: ``after_backward`` (gradient
 masking + accumulation of the gradient criteria, the Fisher diagonal included) and ``after_step`` (masks on
 weights and momentum) in a scoring-window epoch, and the hooks in an epoch outside the window after that stage
-(masking only). Also times one pruning stage to 75% of the parameters (criteria, normalisation, mixing,
+(masking only). Also times one pruning stage to 75% of the parameters (criteria, normalisation, the trial
+vote's evaluations -- here on a 20-image validation split, so their share is not representative --, mixing,
 budgeted selection, masking). The per-epoch overhead of the worst epoch (a scoring window that ends with a
 stage) is
 ``(steps * hook_time + stage_time) / (steps * dense_step_time)`` with ``steps`` the steps of a CIFAR-10-LT IR-100
@@ -30,8 +31,8 @@ def _timed(fn, repeats: int) -> float:
 
 
 def measure(steps: int = 12, threads: int = 1, batch: int = 128, epoch_steps: int = 97, device: str = "cpu") -> dict:
-    from ...config import config_from_dict
-    from ...engine.trainer import Trainer
+    from tailwise.config import config_from_dict
+    from tailwise.engine.trainer import Trainer
 
     torch.set_num_threads(threads)
     raw = {"data": {"name": "synthetic", "num_classes": 10, "synthetic_per_class": 20, "synthetic_test_per_class": 2,

@@ -45,6 +45,9 @@ def test_cli_demo_then_eval_and_resume(tmp_path):
     dense = json.loads((out / "dense" / "result.json").read_text())
     pruned = json.loads((out / "ltap" / "result.json").read_text())
     assert dense["dataset"]["train_size"] == 2795 and dense["dataset"]["val"]["source"] == "dataset val split"
+    per_class = dense["dataset"]["test_size"] / dense["dataset"]["num_classes"]  # the noise note beside the table
+    assert (f"the test split has {dense['dataset']['test_size']} images, about {per_class:.0f} images per class, so one "
+            f"image is {100 / per_class:.1f} points") in proc.stdout
     # the pruned model sits next to the dense one: LTAP from the dense run's epoch-1 checkpoint, 30% of the params
     assert pruned["method"]["name"] == "ltap" and pruned["branched_from"]["epoch"] == 1
     assert pruned["cost"]["params"] <= 0.3 * dense["cost"]["params"]

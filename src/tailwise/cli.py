@@ -91,9 +91,18 @@ def cmd_demo(ns) -> int:
         result = run("demo", overrides, directory, branch_from=branch_from)
         rows.append((label, result))
     print(_table(rows))
+    print(_noise_note(rows[0][1]["dataset"]))
     print(f"run directories: {out / 'dense'} and {out / 'ltap'}  (re-evaluate with `tailwise eval DIR`; load with "
           f"tailwise.load_model(DIR); compare with `tailwise report {out / 'dense'} {out / 'ltap'}`)")
     return 0
+
+
+def _noise_note(dataset: dict) -> str:
+    """How far the demo's test accuracies can move: one test image's worth of a class's accuracy."""
+    per_class = dataset["test_size"] / dataset["num_classes"]
+    return (f"how much these numbers can move: the test split has {dataset['test_size']} images, about "
+            f"{per_class:.0f} images per class, so one image is {100 / per_class:.1f} points of a class's accuracy; "
+            "with one short run per column, differences of a few points between columns are within noise")
 
 
 def cmd_eval(ns) -> int:

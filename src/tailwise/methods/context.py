@@ -103,9 +103,10 @@ class MethodContext:
         self.train_loader.sampler = sampler
 
     def set_lr(self, lr: float) -> None:
-        """Set the learning rate of every parameter group (a method that owns its schedule, e.g. DO)."""
+        """Set the base learning rate: every parameter group gets ``lr`` times its ``lr_scale`` (1 unless a method
+        set one), as the trainer's schedule does (a method that owns its schedule, e.g. DO)."""
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
     def autocast(self):
         """The forward-pass precision context of this run (a no-op in full precision)."""

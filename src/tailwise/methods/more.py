@@ -397,8 +397,7 @@ class MOREMethod(Method):
         self.active = True
         lr = ctx.optimizer.param_groups[0]["lr"] / ctx.optimizer.param_groups[0].get("lr_scale", 1.0)
         ctx.rebuild_optimizer()
-        for group in ctx.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+        ctx.set_lr(lr)
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         if not self.active:

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import torch
 import yaml
 
 
@@ -39,7 +40,7 @@ def test_cli_data_inspect_synthetic(tmp_path):
 
 def test_cli_demo_then_eval_and_resume(tmp_path):
     out = tmp_path / "demo"
-    proc = run_cli("demo", "--epochs", "4", "--out", str(out), cwd=tmp_path)
+    proc = run_cli("demo", "--epochs", "4", "--precision", "auto", "--out", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "many" in proc.stdout and "few" in proc.stdout and f"run directories: {out / 'dense'} and {out / 'ltap'}" in proc.stdout
     dense = json.loads((out / "dense" / "result.json").read_text())
@@ -50,6 +51,9 @@ def test_cli_demo_then_eval_and_resume(tmp_path):
             f"image is {100 / per_class:.1f} points") in proc.stdout
     # the pruned model sits next to the dense one: LTAP from the dense run's epoch-1 checkpoint, 30% of the params
     assert pruned["method"]["name"] == "ltap" and pruned["branched_from"]["epoch"] == 1
+    from tailwise.engine.precision import resolve_precision  # --precision reaches both runs
+
+    assert dense["precision"] == pruned["precision"] == resolve_precision("auto", torch.device("cpu"))
     assert pruned["cost"]["params"] <= 0.3 * dense["cost"]["params"]
     lines = proc.stdout.splitlines()
     assert any(line.startswith("BS (dense)") for line in lines) and any(line.startswith("BS + LTAP") for line in lines)

@@ -363,7 +363,8 @@ def test_paper_defaults():
     assert (o.target_macs, o.target_params, o.round_to) == (0.25, None, 8)
     cfg = load_config("cifar100_lt_ir100_resnet32_bs_ltap", [])
     m = cfg.method
-    assert (m["name"], m["start_epoch"], m["stages"], m["target_params"]) == ("ltap", 100, 5, 0.3)
+    assert (m["name"], m["start_epoch"], m["stages"], m["target_macs"]) == ("ltap", 100, 5, 0.25)
+    assert (m["normalize"], m["round_to"], m.get("target_params")) == ("group-mean", 8, None)
     assert cfg.train.epochs == 200
 
 

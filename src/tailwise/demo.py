@@ -16,13 +16,13 @@ from pathlib import Path
 DEMO_DATA = Path(__file__).parent / "demo_data" / "cifar10-lt-demo.tar.gz"
 
 
-DEMO_EPOCHS = 30  # the demo recipe's train.epochs
 
-
-def demo_overrides(epochs: int | None = None) -> list[str]:
+def demo_overrides(epochs: int | None = None, precision: str | None = None) -> list[str]:
     overrides = [f"data.root={DEMO_DATA}"]
     if epochs is not None:
         overrides.append(f"train.epochs={epochs}")
+    if precision is not None:
+        overrides.append(f"train.precision={precision}")
     return overrides
 
 
@@ -40,10 +40,15 @@ def ltap_overrides(epochs: int) -> tuple[list[str], int]:
     return [f"method.{k}={v}" for k, v in method.items()], start - 1  # score window: the epoch before stage 1
 
 
-def demo_runs(out: Path, epochs: int | None = None) -> list[tuple[str, list[str], Path, Path | None]]:
+def demo_runs(out: Path, epochs: int | None = None, precision: str | None = None,
+              seed: int | None = None) -> list[tuple[str, list[str], Path, Path | None]]:
     """``(label, overrides, run directory, branch checkpoint)`` of the dense and the LTAP demo runs."""
-    base = demo_overrides(epochs)
-    method, branch = ltap_overrides(epochs or DEMO_EPOCHS)
+    base = demo_overrides(epochs, precision) + ([f"run.seed={seed}"] if seed is not None else [])
+    if epochs is None:
+        from .config import load_recipe
+
+        epochs = load_recipe("demo")["train"]["epochs"]
+    method, branch = ltap_overrides(epochs)
     keep = [f"run.keep_checkpoints=[{branch}]"] if branch >= 1 else []
     checkpoint = out / "dense" / "checkpoints" / f"epoch_{branch:03d}.pt" if branch >= 1 else None
     return [("BS (dense)", base + keep, out / "dense", None),

@@ -58,9 +58,9 @@ def _pick_device(setting: str) -> torch.device:
 
 
 def _versions() -> dict:
-    import torchvision
+    from importlib.metadata import version  # torchvision's own import costs seconds (torch._dynamo)
 
-    return {"tailwise": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+    return {"tailwise": __version__, "torch": torch.__version__, "torchvision": version("torchvision"),
             "numpy": np.__version__, "python": platform.python_version(), "machine": platform.machine()}
 
 

@@ -35,11 +35,13 @@ def evaluate_split(predict: Callable[[torch.Tensor], torch.Tensor], split: Split
 
 
 def evaluate_run(run_dir: Path, device: str = "cpu") -> dict:
-    """Rebuild a finished run's test split from its ``config.yaml`` and evaluate its deployed ``model/``;
-    returns the ``accuracy`` block of ``result.json``."""
+    """Rebuild a finished run's test split from its ``config.yaml`` and evaluate its deployed ``model/`` as the run
+    evaluated it (its ``train.precision`` on ``device``, its memory format); returns the ``accuracy`` block of
+    ``result.json``."""
     from ..config import config_from_dict, load_recipe
     from ..data.dataset import build_data
     from ..deploy import load_model
+    from ..engine.precision import DTYPES, resolve_precision
     from ..errors import TailwiseError
     from ..losses import build_loss
 
@@ -51,6 +53,10 @@ def evaluate_run(run_dir: Path, device: str = "cpu") -> dict:
     data = build_data(cfg.data, log=lambda msg: None)
     loss = build_loss(cfg.loss.name, data.class_counts, **cfg.loss.kwargs()).to(device)
     pre = model.preprocess
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    precision = DTYPES[resolve_precision(cfg.train.precision, torch.device(device))]
     acc = evaluate_split(model, data.test, data.groups, pre["mean"], pre["std"], cfg.train.eval_batch_size, device,
-                         loss.adjust_logits, workers=cfg.run.workers)
+                         loss.adjust_logits, precision=precision, channels_last=cfg.train.channels_last,
+                         workers=cfg.run.workers)
     return {k: v for k, v in acc.items() if k != "group_sizes"}

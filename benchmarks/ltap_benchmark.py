@@ -1,24 +1,36 @@
-"""The LTAP benchmark table (issue #5) in the paper's layout, from finished runs, into docs/benchmarks.md.
+"""The LTAP benchmark (issue #21) in the paper's layout, over seeds, from finished runs, into docs/benchmarks.md.
 
-    python benchmarks/ltap_benchmark.py DENSE_RUN PRUNED_RUN... [--write-docs]
+    python benchmarks/ltap_benchmark.py RUN_DIR... [--latency RUN_DIR] [--section TITLE] [--intro TEXT | @FILE]
+        [--write-docs]
 
-Columns: F(%) (deployed MACs / dense MACs), Head / Medium / Tail / All (test, last epoch), C(%) = 100 x All / All(dense),
-C/F, the parameters kept, the best-on-validation epoch's test accuracy, the criterion weights α the last stage's mix
-used (for the trial and paper votes), and the
-median epoch time of the dense run, of the masked pruning phase and of the fine-tuning on the shrunk model (the
-time columns are from the runs' own metrics.jsonl, all on this machine, so compare them as ratios).
+RUN_DIRs: the dense runs and the pruned runs of every seed. Runs that differ only in ``run.seed`` share a row
+(``tailwise report``'s grouping and statistics, :mod:`tailwise.eval.report`): F(%), Head / Medium / Tail / All (test,
+last epoch), C(%) = 100 x All / All(dense run of the same seed) and C/F, as mean ± sample sd over the seeds. Then
+the paired differences, seed by seed: every row against its dense baseline, and the default LTAP row (``vote:
+trial``) against every other pruned row, each with every seed's own difference on Tail and All. Then per row: the
+parameters kept, the criterion weights α that the last stage's mix used (mean over seeds), the trials' seconds per
+stage (``vote: trial``), and the median epoch time of the masked pruning phase and of the fine-tuning on the shrunk
+model (from the runs' own metrics.jsonl: compare them as ratios, the runs shared the machine differently).
+``--latency RUN_DIR``: batch 1 and 128 latency of that run's deployed model against the dense ResNet-32, measured
+now in this process (``tailwise bench-latency``'s measurement, contiguous and channels_last; run it idle).
 Unfinished runs are listed with their progress.
 """
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
 import sys
+import time
 from pathlib import Path
+
+import torch
 
 from common import add_intro_option, publish
 
-from tailwise.eval.report import load_run, method_label
+from tailwise.compress.cost import latency_report
+from tailwise.eval.report import (PairedDiff, Row, assign_baselines, group_rows, load_run, markdown_diffs,
+                                  markdown_table, method_label, summarize)
 
 SHORT = {"magnitude": "mag", "avg_magnitude": "avg", "cosine_similarity": "cos", "taylor_first_order": "T1",
          "taylor_second_order": "T2"}
@@ -29,64 +41,117 @@ def median_time(metrics: list[dict], lo: int, hi: int) -> float | None:
     return statistics.median(times) if times else None
 
 
+def mean_of(values) -> float | None:
+    return summarize(values).mean
+
+
 def fmt(v, nd=1) -> str:
     return "" if v is None else f"{v:.{nd}f}"
 
 
-def row(run, dense, stage_end: int, epochs: int) -> str:
-    r, d = run.result, dense.result
-    acc, cost = r["accuracy"], r["cost"]
-    C = 100 * acc["all"] / d["accuracy"]["all"]
-    F = cost["F"]
-    best = r.get("best_on_val")
-    best_txt = f"{best['accuracy']['all']:.2f} (ep {best['epoch'] + 1})" if best else ""
-    m = r["method"]
-    alpha = (m.get("history") or [{}])[-1].get("alpha") or {}  # the weights the last stage's mix used
-    alpha_txt = " ".join(f"{SHORT[k]} {v:.2f}" for k, v in alpha.items()) if m.get("vote") in ("trial", "paper", "adaptive") else \
-        ("uniform" if m.get("vote") == "uniform" else "")
-    start = m.get("start_epoch", 100) - 1
-    times = (median_time(run.metrics, start, stage_end), median_time(run.metrics, stage_end, epochs))
-    return (f"| {method_label(run)} | {F:.1f} | {acc['many']:.2f} | {acc['medium']:.2f} | {acc['few']:.2f} | "
-            f"**{acc['all']:.2f}** | {C:.1f} | {C / F:.2f} | {100 * cost['params'] / cost['params_dense']:.1f} | "
-            f"{best_txt} | {alpha_txt} | {fmt(times[0])} / {fmt(times[1])} |")
+def signed(v: float) -> str:
+    return f"{v:+.2f}".replace("-", "−")
+
+
+def per_seed_text(diff: PairedDiff, column: str) -> str:
+    """Every seed's own difference: 's0 +0.41, s1 −0.12, s2 +1.30'."""
+    a, b = diff.row.values(column), diff.ref.values(column)
+    return ", ".join(f"s{s} {signed(a[s] - b[s])}" for s in diff.seeds if a[s] is not None and b[s] is not None)
+
+
+def is_pruned_ltap(row: Row, vote: str) -> bool:
+    m = row.first.method
+    return m.get("name") == "ltap" and m.get("vote") == vote
+
+
+def detail_line(row: Row) -> str:
+    """Params kept, α of the last stage's mix, trial seconds per stage, pruning-phase / fine-tuning s/epoch."""
+    runs = row.runs
+    kept = mean_of(100 * r.cost["params"] / r.cost["params_dense"] for r in runs if r.cost.get("params_dense"))
+    alpha_txt = ""
+    if row.first.method.get("name") == "ltap":
+        if row.first.method.get("vote") == "uniform":
+            alpha_txt = "uniform"
+        else:
+            last = [(r.method.get("history") or [{}])[-1].get("alpha") or {} for r in runs]
+            keys = list(last[0])
+            alpha_txt = " ".join(f"{SHORT.get(k, k)} {mean_of(a.get(k) for a in last):.2f}" for k in keys)
+    trial = [sum((r.method.get("overhead") or {}).get("trial_s_per_stage") or []) /
+             max(1, len((r.method.get("overhead") or {}).get("trial_s_per_stage") or []))
+             for r in runs if (r.method.get("overhead") or {}).get("trial_s_per_stage")]
+    phases = []
+    for r in runs:
+        m, epochs = r.method, r.result["epochs"]
+        if m.get("stage_epochs"):
+            start, end = m.get("start_epoch", 100) - 1, m["stage_epochs"][-1]
+            phases.append((median_time(r.metrics, start, end), median_time(r.metrics, end, epochs)))
+        else:
+            phases.append((None, median_time(r.metrics, 100, epochs)))
+    pruning = mean_of(p[0] for p in phases)
+    finetune = mean_of(p[1] for p in phases)
+    time_txt = f"{fmt(pruning)} / {fmt(finetune)}" if pruning is not None else f"{fmt(finetune)} (epochs 101-)"
+    return (f"| {row.label} | n = {len(runs)} | {fmt(kept)} | {alpha_txt} | {fmt(mean_of(trial)) if trial else ''} "
+            f"| {time_txt} |")
+
+
+def latency_lines(run_dir: Path) -> list[str]:
+    lines = [f"Latency of `{run_dir}`'s deployed model against the dense ResNet-32 (`tailwise bench-latency`: one "
+             f"process, the two timed alternately, median of 30), {platform.machine()}, {torch.get_num_threads()} "
+             f"threads, fp32, {time.strftime('%Y-%m-%d')}:", "",
+             "| Memory format | Batch | Dense ms | Compressed ms | Speed-up | Median pair ratio |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for channels_last in (False, True):
+        rep = latency_report(run_dir, batches=(1, 128), repeats=30, channels_last=channels_last)
+        lines += [f"| {rep['memory_format']} | {r['batch']} | {r['dense_ms']:.2f} | {r['deployed_ms']:.2f} | "
+                  f"{r['speedup']:.2f}x | {r['speedup_median_of_pairs']:.2f}x |" for r in rep["rows"]]
+    return lines
+
+
+def progress(path: Path) -> str:
+    metrics = path / "metrics.jsonl"
+    n = sum(1 for line in metrics.read_text().splitlines() if line.strip()) if metrics.is_file() else 0
+    return f"- `{path}`: " + (f"in progress, {n} epochs done" if n else "not started")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("dense")
-    ap.add_argument("pruned", nargs="+")
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("--latency", type=Path, help="a finished pruned run whose deployed model to time")
     ap.add_argument("--section", default="LTAP: ResNet-32, CIFAR-10-LT IR 100, Balanced Softmax, 200 epochs")
     add_intro_option(ap)
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args(argv)
-    dense = load_run(Path(args.dense))
-    dense.label = "BS"
-    epochs = dense.result["epochs"]
-    dense_time = median_time(dense.metrics, 100, epochs)
-    lines = [f"## {args.section}", "", args.intro, "",
-             "| Method | F(%) | Head | Medium | Tail | All | C(%) | C/F | Params kept (%) | All, best on val | "
-             "α of the last stage's mix | s/epoch: pruning phase / shrunk fine-tuning |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
-             f"| **BS** (dense baseline) | 100.0 | {dense.acc['many']:.2f} | {dense.acc['medium']:.2f} | "
-             f"{dense.acc['few']:.2f} | **{dense.acc['all']:.2f}** | 100.0 | 1.00 | 100.0 | "
-             f"{dense.result['best_on_val']['accuracy']['all']:.2f} (ep {dense.result['best_on_val']['epoch'] + 1}) | | "
-             f"{fmt(dense_time)} (dense, epochs 101-{epochs}) |"]
-    for spec in args.pruned:
-        path = Path(spec)
+    runs, unfinished = [], []
+    for spec in args.runs:
         try:
-            run = load_run(path)
-        except ValueError as exc:
-            metrics = path / "metrics.jsonl"
-            n = sum(1 for line in metrics.read_text().splitlines() if line.strip()) if metrics.is_file() else 0
-            state = f"in progress, {n}/{epochs} epochs (resumes next session)" if n else "not started"
-            lines.append(f"| {path.name}: {state} | | | | | | | | | | | |")
-            print(f"not finished: {exc}", file=sys.stderr)
+            run = load_run(Path(spec))
+        except ValueError:
+            unfinished.append(progress(Path(spec)))
             continue
-        m = run.result["method"]
-        stage_end = m["stage_epochs"][-1]
-        lines.append(row(run, dense, stage_end, epochs))
-    text = "\n".join(lines) + "\n"
-    publish(text, args.write_docs)
+        run.label = method_label(run)
+        runs.append(run)
+    rows = group_rows(runs)
+    assign_baselines(rows, None)
+    diffs = [PairedDiff(row, row.baseline) for row in rows if row.baseline not in (None, row)]
+    lead = next((row for row in rows if is_pruned_ltap(row, "trial")), None)
+    if lead is not None:
+        diffs += [PairedDiff(lead, row) for row in rows if row is not lead and not row.first.is_dense]
+    diffs = [d for d in diffs if d.seeds]
+    lines = [f"## {args.section}", "", args.intro, "", markdown_table(rows), markdown_diffs(diffs),
+             "Every seed's own difference (Row − Reference, percentage points):", "",
+             "| Row | Reference | Tail, per seed | All, per seed |", "|---|---|---|---|",
+             *(f"| {d.row.label} | {d.ref.label} | {per_seed_text(d, 'tail')} | {per_seed_text(d, 'all')} |"
+               for d in diffs), "",
+             "Per row (means over its seeds): parameters kept, the criterion weights α of the last stage's mix, the "
+             "trials' seconds per stage, and the median seconds per epoch of the masked pruning phase / the shrunk "
+             "fine-tuning:", "",
+             "| Method | Seeds | Params kept (%) | α of the last stage's mix | Trial s/stage | s/epoch |",
+             "|---|---:|---:|---|---:|---:|", *(detail_line(row) for row in rows), ""]
+    if unfinished:
+        lines += ["Not finished, so not in the tables:", "", *unfinished, ""]
+    if args.latency:
+        lines += latency_lines(args.latency) + [""]
+    publish("\n".join(lines).replace("\n\n\n", "\n\n"), args.write_docs)
     return 0
 
 

@@ -3,7 +3,8 @@
     python benchmarks/results_table.py --section "Baselines: ..." RUN_DIR[=label] ... [--published label=all,...] [--write-docs]
 
 Rows come from each run's result.json (last epoch, test split) and metrics.jsonl; a run still training is
-listed with its progress and latest validation accuracy so partial matrices are reported honestly.
+listed with its progress and latest validation accuracy so partial matrices are reported honestly. Runs given the
+same label are seeds of one configuration: one row per seed, then their mean ± sample sd.
 """
 from __future__ import annotations
 
@@ -12,13 +13,25 @@ import json
 import re
 from pathlib import Path
 
+import yaml
+
 from common import add_intro_option, fmt, publish
+
+from tailwise.eval.report import summarize
+
+
+COLUMNS = ("many", "medium", "few", "all")
+
+
+def finished(run_dir: Path) -> dict | None:
+    """The run's result.json, None while it is still training."""
+    result_file = run_dir / "result.json"
+    return json.loads(result_file.read_text()) if result_file.is_file() else None
 
 
 def row(run_dir: Path, label: str) -> str:
-    result_file = run_dir / "result.json"
-    if result_file.is_file():
-        r = json.loads(result_file.read_text())
+    r = finished(run_dir)
+    if r is not None:
         a, c, best = r["accuracy"], r["cost"], r.get("best_on_val", {})
         best_all = fmt(best.get("accuracy", {}).get("all")) + f" (ep {best['epoch'] + 1})" if best else "-"
         return (f"| {label} | {r['epochs']} | {fmt(a['many'])} | {fmt(a['medium'])} | {fmt(a['few'])} | **{fmt(a['all'])}** "
@@ -33,6 +46,41 @@ def row(run_dir: Path, label: str) -> str:
             f"(val {fmt(last['val']['all'])}) | | | | |")
 
 
+def seed_summary_row(label: str, results: list[dict]) -> str:
+    """Mean ± sample sd over the seeds of one configuration (``tailwise report``'s statistics)."""
+    def cell(values) -> str:
+        st = summarize(values)
+        return f"{st.mean:.2f} ± {st.sd:.2f}"
+
+    a = [r["accuracy"] for r in results]
+    best = [r.get("best_on_val", {}).get("accuracy", {}).get("all") for r in results]
+    cells = [cell(x[k] for x in a) for k in COLUMNS]
+    best_cell = cell(best) if all(b is not None for b in best) else "-"
+    return (f"| **{label}, mean ± sd over {len(results)} seeds** | {results[0]['epochs']} | {cells[0]} | {cells[1]} "
+            f"| {cells[2]} | **{cells[3]}** | {best_cell} | {results[0]['cost']['params']:,} "
+            f"| {results[0]['cost']['F']:.1f} | {summarize(r['time_s'] / 60 for r in results).mean:.0f} |")
+
+
+def table_rows(specs: list[str]) -> list[str]:
+    """One row per run (``RUN_DIR=label``); runs given the same label are seeds of one configuration: each is
+    labelled with its seed, followed by a mean ± sd row once two or more of them have finished."""
+    parsed = [(Path(path), label or Path(path).name) for path, _, label in (spec.partition("=") for spec in specs)]
+    labels = [label for _, label in parsed]
+    lines = []
+    for i, (path, label) in enumerate(parsed):
+        group = [p for p, lab in parsed if lab == label]
+        if len(group) == 1:
+            lines.append(row(path, label))
+            continue
+        seed = yaml.safe_load((path / "config.yaml").read_text())["run"]["seed"]
+        lines.append(row(path, f"{label}, seed {seed}"))
+        if i == len(labels) - 1 - labels[::-1].index(label):  # the group's last run: its summary
+            results = [r for r in map(finished, group) if r is not None]
+            if len(results) > 1:
+                lines.append(seed_summary_row(label, results))
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("runs", nargs="+", help="RUN_DIR or RUN_DIR=label")
@@ -44,9 +92,7 @@ def main() -> None:
     lines = [f"## {args.section}", "", args.intro, "",
              "| Run | Epochs | Many | Medium | Few | All (last) | All (best on val) | Params | F % | Train min |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for spec in args.runs:
-        path, _, label = spec.partition("=")
-        lines.append(row(Path(path), label or Path(path).name))
+    lines += table_rows(args.runs)
     for spec in args.published:
         label, _, value = spec.partition("=")
         lines.append(f"| {label} (published) | 200 | | | | {value} | | | | |")

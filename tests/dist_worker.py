@@ -1,7 +1,8 @@
 """One tiny run, launched by tests/test_distributed.py under torchrun (or alone, as the 1-process reference).
 
 Usage: ``python dist_worker.py SPEC_JSON`` with SPEC ``{"config": raw recipe, "out": run dir, "resume": bool,
-"stop": [step, rank] | null, "perturb": [epoch, rank] | null}``. Each process writes what the test compares to ``OUT/rank<R>.pt``: the method's
+"stop": [step, rank] | null, "perturb": [epoch, rank] | null}``, or ``{"runs": [SPEC, ...]}``: the runs one after
+the other in the same processes and process group (one launch instead of one per run). Each process writes what the test compares to ``OUT/rank<R>.pt``: the method's
 description and state (masks / structure / stage history), the final weights, the probe evaluation of the test split (:func:`probe`) and the
 result (None when the run was interrupted).
 """
@@ -44,10 +45,18 @@ def probe(trainer: Trainer) -> dict:
 
 
 def main(spec: dict) -> None:
-    cfg = config_from_dict(spec["config"])
-    dist, device = from_environment(cfg.run.device)
+    specs = spec.get("runs", [spec])
+    dist, device = from_environment(config_from_dict(specs[0]["config"]).run.device)
     if dist.rank != 0:
         forbid_writes(dist.rank)
+    for one in specs:
+        run(one, dist, device)
+    if dist.enabled:
+        torch.distributed.destroy_process_group()
+
+
+def run(spec: dict, dist, device: str) -> None:
+    cfg = config_from_dict(spec["config"])
     out = Path(spec["out"])
     if not spec.get("resume") and dist.is_main:
         prepare_run_dir(cfg, out)
@@ -86,8 +95,6 @@ def main(spec: dict) -> None:
                 "model": {k: v.detach().cpu() for k, v in trainer.ctx.model.state_dict().items()},
                 "before": before, "step": trainer.ctx.step}, out / f"rank{dist.rank}.pt")
     dist.barrier()
-    if dist.enabled:
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import sys
 import pytest
 import torch
 
-from test_distributed import dist_config, launch
+from test_distributed import dist_config, launch_runs
 from test_engine import stop_after, tiny_config, trainer_for
 from tailwise.engine.trainer import Interrupted, Trainer
 from tailwise.methods import list_methods
@@ -35,7 +35,9 @@ CONTRACT = {
     "random": (PRUNING, 3),
     "ltap": (PRUNING, 3),
     "plasticity": ({"every_epochs": 1, "last_event_epoch": 2}, 3),  # growth events after epochs 1 and 2
-    "do": ({"stage_epochs": [1, 1, 1]}, 3),  # a decoupling after epochs 1 and 2, three sub-models
+    # a decoupling after epochs 1 and 2, three sub-models; Eq. 4 in 2 steps per 10% of γ (the default 10: 130
+    # retraining steps, most of this test's time, for no further path)
+    "do": ({"stage_epochs": [1, 1, 1], "prune_steps": 2}, 3),
     "more": ({"start_epoch": 1, "general": "slow"}, 3),  # plain epoch 0, then two passes per step, a slow W_g
 }
 STEPS_PER_EPOCH = 5
@@ -132,11 +134,21 @@ def test_trains_in_bf16(tmp_path, name):
     assert result["accuracy"]["all"] is not None
 
 
+@pytest.fixture(scope="module")
+def torchrun_runs(tmp_path_factory) -> dict:
+    """Every method's run under torchrun (2 gloo processes), all in one launch: name -> (run dir, rank records)."""
+    root = tmp_path_factory.mktemp("torchrun")
+    names = sorted(CONTRACT)
+    specs = [{"config": dist_config({"name": n, **CONTRACT[n][0]}, CONTRACT[n][1]), "out": str(root / n)}
+             for n in names]
+    return {n: (root / n, records) for n, records in zip(names, launch_runs(specs, 2))}
+
+
 @pytest.mark.parametrize("name", sorted(CONTRACT))
-def test_processes_end_identical_under_torchrun(tmp_path, name):
-    options, epochs = CONTRACT[name]
-    r0, r1 = launch(dist_config({"name": name, **options}, epochs), tmp_path / "run", 2)
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+def test_processes_end_identical_under_torchrun(torchrun_runs, name):
+    out, (r0, r1) = torchrun_runs[name]
+    epochs = CONTRACT[name][1]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == epochs and not any("replicas_resynced" in r for r in records)  # equal without help
     assert r0["model"].keys() == r1["model"].keys()
     for key, value in r0["model"].items():

@@ -69,12 +69,31 @@ def assert_same_state(a: dict, b: dict, exact: bool = True) -> None:
 LTAP = {"name": "ltap", "start_epoch": 1, "stages": 2, "stage_interval": 1, "target_params": 0.5}
 
 
+def weighted_config() -> dict:
+    raw = dist_config({"name": "none"}, epochs=1)
+    raw["loss"] = {"name": "ldam_drw", "drw_epoch": 0}
+    return raw
+
+
 @pytest.fixture(scope="module")
-def ltap_runs(tmp_path_factory):
+def runs(tmp_path_factory) -> dict:
+    """The module's runs in two launches (2 processes, then 1): name -> per-rank records. ``ltap`` and
+    ``weighted`` (LDAM-DRW from epoch 0) in both layouts; ``drifted``: 2 processes, rank 1's weights perturbed at
+    the end of epoch 0."""
     root = tmp_path_factory.mktemp("dist")
-    two = launch(dist_config(LTAP), root / "two", 2)
-    one = launch(dist_config(LTAP), root / "one", 1)
-    return root, two, one
+    two = {"ltap": {"config": dist_config(LTAP)}, "weighted": {"config": weighted_config()},
+           "drifted": {"config": dist_config({"name": "none"}, epochs=2), "perturb": [0, 1]}}
+    one = {"ltap": {"config": dist_config(LTAP)}, "weighted": {"config": weighted_config()}}
+    out = {"root": root}
+    for procs, specs in ((2, two), (1, one)):
+        records = launch_runs([{**spec, "out": str(root / f"{name}_{procs}")} for name, spec in specs.items()], procs)
+        out.update({(name, procs): r for name, r in zip(specs, records)})
+    return out
+
+
+@pytest.fixture(scope="module")
+def ltap_runs(runs):
+    return runs["root"] / "ltap_2", runs["ltap", 2], runs["ltap", 1]
 
 
 def test_ltap_masks_identical_across_ranks_and_equal_one_process(ltap_runs):
@@ -102,10 +121,10 @@ def test_evaluation_gathers_every_image_once(ltap_runs):
 def test_only_rank_zero_writes(ltap_runs):
     """The listing; and every file-writing function the trainer uses raises on rank 1 (dist_worker.forbid_writes),
     so the run itself proves rank 1 wrote nothing."""
-    root, _, _ = ltap_runs
-    files = sorted(p.name for p in (root / "two").iterdir())
+    run_dir, _, _ = ltap_runs
+    files = sorted(p.name for p in run_dir.iterdir())
     assert files == ["checkpoints", "config.yaml", "metrics.jsonl", "model", "rank0.pt", "rank1.pt", "result.json"]
-    records = [json.loads(line) for line in (root / "two" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1, 2]  # one record per epoch, not one per process
     assert not any("replicas_resynced" in r for r in records)  # the replicas never drifted (the end-of-epoch
     # broadcast of rank 0's state changed nothing), so the cross-rank equality tests are not made true by it
@@ -123,21 +142,18 @@ def test_signal_on_one_rank_stops_both_and_resume_equals_uninterrupted(ltap_runs
     assert resumed[0]["result"]["accuracy"] == full["result"]["accuracy"]
 
 
-def test_drifted_replicas_are_restored_from_rank_zero_and_reported(tmp_path):
-    r0, r1 = launch(dist_config({"name": "none"}, epochs=2), tmp_path / "run", 2, perturb=[0, 1])
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+def test_drifted_replicas_are_restored_from_rank_zero_and_reported(runs):
+    r0, r1 = runs["drifted", 2]
+    records = [json.loads(line) for line in (runs["root"] / "drifted_2" / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("replicas_resynced", False) for r in records] == [True, False]
     assert_same_state(r0, r1, exact=True)
 
 
-def test_weighted_mean_loss_equals_one_process(tmp_path):
+def test_weighted_mean_loss_equals_one_process(runs):
     """LDAM-DRW from epoch 0 reduces by the sum of its images' class weights, not their number: each process's
     share of the global batch's loss comes from that sum (LongTailLoss.batch_weight), so 2 processes with uneven
     weight sums still follow the 1-process run."""
-    raw = dist_config({"name": "none"}, epochs=1)
-    raw["loss"] = {"name": "ldam_drw", "drw_epoch": 0}
-    two = launch(raw, tmp_path / "two", 2)
-    one = launch(raw, tmp_path / "one", 1)
+    two, one = runs["weighted", 2], runs["weighted", 1]
     assert_same_state(two[0], two[1], exact=True)
     # measured: 3.6e-5 (one process with 1 vs 2 threads differs as much); 4.9e-4 with shares by image count
     worst = max((v - one[0]["model"][k]).abs().max().item() for k, v in two[0]["model"].items()

@@ -91,3 +91,11 @@ def add_intro_option(ap) -> None:
 def fmt(value: float | None) -> str:
     """An accuracy cell: two decimals, ``-`` when missing."""
     return "-" if value is None else f"{value:.2f}"
+
+
+def per_seed_text(diff, column: str) -> str:
+    """Every seed's own difference of a :class:`tailwise.eval.report.PairedDiff` in ``column`` (a report metric):
+    's0 +0.41, s1 −0.12, s2 +1.30'."""
+    a, b = diff.row.values(column), diff.ref.values(column)
+    return ", ".join(f"s{s} {a[s] - b[s]:+.2f}".replace("-", "−") for s in diff.seeds
+                     if a[s] is not None and b[s] is not None)

@@ -51,8 +51,12 @@ def _load(run_dir: Path) -> dict:
 
 
 def _epoch_times(run_dir: Path) -> list[float]:
+    """The epoch times the run itself trained: a branch's metrics.jsonl starts with its source's records of the
+    epochs up to the branch checkpoint's, which it did not train."""
+    branched = _load(run_dir).get("branched_from")
+    first = branched["epoch"] + 1 if branched else 0
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r["time_s"] for r in map(json.loads, filter(None, lines)) if "time_s" in r]
+    return [r["time_s"] for r in map(json.loads, filter(None, lines)) if "time_s" in r and r["epoch"] >= first]
 
 
 # --------------------------------------------------------------------------------------------------- time

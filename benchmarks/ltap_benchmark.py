@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from common import add_intro_option, publish
+from common import add_intro_option, per_seed_text, publish
 
 from tailwise.compress.cost import latency_report
 from tailwise.eval.report import (PairedDiff, Row, assign_baselines, group_rows, load_run, markdown_diffs,
@@ -47,16 +47,6 @@ def mean_of(values) -> float | None:
 
 def fmt(v, nd=1) -> str:
     return "" if v is None else f"{v:.{nd}f}"
-
-
-def signed(v: float) -> str:
-    return f"{v:+.2f}".replace("-", "−")
-
-
-def per_seed_text(diff: PairedDiff, column: str) -> str:
-    """Every seed's own difference: 's0 +0.41, s1 −0.12, s2 +1.30'."""
-    a, b = diff.row.values(column), diff.ref.values(column)
-    return ", ".join(f"s{s} {signed(a[s] - b[s])}" for s in diff.seeds if a[s] is not None and b[s] is not None)
 
 
 def is_pruned_ltap(row: Row, vote: str) -> bool:

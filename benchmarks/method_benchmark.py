@@ -25,7 +25,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from common import add_intro_option, fmt, machine_lines, publish, section_head
+from common import add_intro_option, fmt, machine_lines, per_seed_text, publish, section_head
+
+from tailwise.eval import report
 
 
 def load_run(path: Path) -> dict:
@@ -103,6 +105,40 @@ def within_run_lines(run: dict) -> list[str]:
     return []
 
 
+def seed_lines(pairs: list[tuple[Path, Path]], runs: dict) -> list[str]:
+    """Runs that differ only in ``run.seed`` as one row (mean ± sample sd, ``tailwise report``'s grouping), then
+    each method row against its base row seed by seed, with every seed's own difference on Few and All; for
+    plasticity rows, the channels with a twin at the end. Empty unless some row has two or more finished seeds."""
+    loaded = {}
+    for path, run in runs.items():
+        if run["result"] is not None:
+            loaded[path] = report.load_run(path)
+            loaded[path].label = f"{run['result']['loss']} {method_label(run['result'])}"
+    rows = report.group_rows(list(loaded.values()))
+    if not any(len(row.runs) > 1 for row in rows):
+        return []
+    report.assign_baselines(rows, None)
+    row_of = {r.path: row for row in rows for r in row.runs}
+    diffs = []
+    for base, method in pairs:
+        if base in loaded and method in loaded:
+            d = report.PairedDiff(row_of[loaded[method].path], row_of[loaded[base].path])
+            if d.seeds and not any(e.row is d.row and e.ref is d.ref for e in diffs):
+                diffs.append(d)
+    lines = ["Over seeds (runs that differ only in their seed share a row):", "", report.markdown_table(rows),
+             report.markdown_diffs(diffs), "Every seed's own difference (Row − Reference, percentage points):", "",
+             "| Row | Reference | Few, per seed | All, per seed |", "|---|---|---|---|",
+             *(f"| {d.row.label} | {d.ref.label} | {per_seed_text(d, 'tail')} | {per_seed_text(d, 'all')} |"
+               for d in diffs), ""]
+    for row in rows:
+        twins = [(r.method.get("twins") or {}) for r in row.runs if r.method.get("name") == "plasticity"]
+        if twins and all("twins" in t for t in twins):
+            lines.append(f"- {row.label}: channels with a twin at the end "
+                         + ", ".join(f"s{r.seed} {t['twins']} of {t['width']} (effective width {t['effective']})"
+                                     for r, t in zip(row.runs, twins)))
+    return lines + [""]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("pairs", nargs="+", metavar="BASE_RUN:METHOD_RUN")
@@ -149,6 +185,7 @@ def main() -> None:
     lines = [*section_head(f"## {ns.section}", "benchmarks/method_benchmark.py", sys.argv[1:]),
              *([ns.intro, ""] if ns.intro else []), *machine_lines(ns.threads),
              "- Runs: " + ", ".join(f"`{p}`" for p in runs), "", *rows, ""]
+    lines += seed_lines(pairs, runs)
     if notes:
         lines += ["Overhead measured within each method run, and what the method did:", "", *notes, ""]
     if unfinished:

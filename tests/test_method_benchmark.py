@@ -78,3 +78,35 @@ def test_rejects_a_spec_without_a_pair(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "method_benchmark.py"), "--section", "T",
                           str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "BASE_RUN:METHOD_RUN" in out.stderr
+
+
+def test_seeds_share_a_row_with_paired_differences_and_twin_counts(tmp_path):
+    """Two seeds of a base and of a plasticity run: one row each (mean ± sample sd), the paired differences
+    seed by seed, and every seed's twin count, against statistics computed here from the result files."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import method_benchmark as mb
+
+    results, pairs = {}, []
+    for seed in (3, 4):
+        for name, method in (("base", None), ("plastic", {"name": "plasticity", "every_epochs": 1,
+                                                          "last_event_epoch": 2})):
+            raw = tiny_config(epochs=3)
+            raw["run"]["seed"] = seed
+            if method:
+                raw["method"] = method
+            trainer_for(raw, tmp_path / f"{name}_s{seed}").fit()
+            results[name, seed] = json.loads((tmp_path / f"{name}_s{seed}" / "result.json").read_text())
+        pairs.append((tmp_path / f"base_s{seed}", tmp_path / f"plastic_s{seed}"))
+    runs = {p: mb.load_run(p) for pair in pairs for p in pair}
+    text = "\n".join(mb.seed_lines(pairs, runs))
+    plastic_all = [results["plastic", s]["accuracy"]["all"] for s in (3, 4)]
+    row = next(line for line in text.splitlines() if line.startswith("| balanced_softmax + plasticity"))
+    assert "| n = 2 |" in row
+    assert f"{statistics.fmean(plastic_all):.1f} ± {statistics.stdev(plastic_all):.1f}" in row
+    diffs = {s: results["plastic", s]["accuracy"]["all"] - results["base", s]["accuracy"]["all"] for s in (3, 4)}
+    per_seed = ", ".join(f"s{s} {d:+.2f}".replace("-", "−") for s, d in diffs.items())
+    assert per_seed in text
+    for s in (3, 4):
+        twins = results["plastic", s]["method"]["twins"]
+        assert f"s{s} {twins['twins']} of {twins['width']} (effective width {twins['effective']})" in text
+    assert mb.seed_lines(pairs[:1], {p: runs[p] for p in pairs[0]}) == []  # one seed: no seed table

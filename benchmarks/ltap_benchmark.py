@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from common import add_intro_option, per_seed_text, publish
+from common import add_intro_option, machine_lines, per_seed_text, publish, section_head
 
 from tailwise.compress.cost import latency_report
 from tailwise.eval.report import (PairedDiff, Row, assign_baselines, group_rows, load_run, markdown_diffs,
@@ -120,6 +120,11 @@ def main(argv=None) -> int:
             continue
         run.label = method_label(run)
         runs.append(run)
+    precisions = sorted({str(r.result.get("precision", "fp32")) for r in runs})
+    if len(precisions) > 1:
+        print(f"error: the runs mix precisions ({', '.join(precisions)}); a table holds one precision, so report "
+              "them in separate sections", file=sys.stderr)
+        return 2
     rows = group_rows(runs)
     assign_baselines(rows, None)
     diffs = [PairedDiff(row, row.baseline) for row in rows if row.baseline not in (None, row)]
@@ -127,7 +132,11 @@ def main(argv=None) -> int:
     if lead is not None:
         diffs += [PairedDiff(lead, row) for row in rows if row is not lead and not row.first.is_dense]
     diffs = [d for d in diffs if d.seeds]
-    lines = [f"## {args.section}", "", args.intro, "", markdown_table(rows), markdown_diffs(diffs),
+    lines = [*section_head(f"## {args.section}", "benchmarks/ltap_benchmark.py", sys.argv[1:] if argv is None
+                           else argv), *machine_lines(torch.get_num_threads()),
+             f"- Precision of every run: {precisions[0] if precisions else '-'}; seeds: "
+             f"{', '.join(str(s) for s in sorted({r.seed for r in runs}))}", "", args.intro, "",
+             markdown_table(rows), markdown_diffs(diffs),
              "Every seed's own difference (Row − Reference, percentage points):", "",
              "| Row | Reference | Tail, per seed | All, per seed |", "|---|---|---|---|",
              *(f"| {d.row.label} | {d.ref.label} | {per_seed_text(d, 'tail')} | {per_seed_text(d, 'all')} |"

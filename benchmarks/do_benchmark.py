@@ -98,6 +98,18 @@ def stage_rows(method: dict) -> list[str]:
         rows.append(f"| {r['stage']} | {r['group']} | {fmt(r.get('gamma'))} | {fmt(cpo.get('all'))} | "
                     f"{fmt(stale.get('all'))} | {fmt(tpd.get('all'))} ({fmt(tpd.get('many'))} / "
                     f"{fmt(tpd.get('medium'))} / {fmt(tpd.get('few'))}) |")
+    probed = [r for r in method.get("stages_table", []) if r.get("exempt_probe")]
+    if probed:
+        readings = list(probed[0]["exempt_probe"])
+        rows += ["", f"The same new sub-models (recomputed statistics) with the classifier decoupled as the stricter "
+                     f"`exempt` readings would leave it (`exempt_probe`; the run itself: `{method.get('exempt')}`), "
+                     "validation all (many / medium / few):", "",
+                 "| Stage | Group | " + " | ".join(f"`exempt: {r}`" for r in readings) + " |",
+                 "|---:|---|" + "---:|" * len(readings)]
+        for r in probed:
+            cells = [f"{fmt(a.get('all'))} ({fmt(a.get('many'))} / {fmt(a.get('medium'))} / {fmt(a.get('few'))})"
+                     for a in (r["exempt_probe"][k] for k in readings)]
+            rows.append(f"| {r['stage']} | {r['group']} | " + " | ".join(cells) + " |")
     return rows
 
 

@@ -329,11 +329,12 @@ def test_importance_shared_out_by_whole_batches_adds_up_to_one_process(tmp_path)
 
     trainer = make(tmp_path, importance_batches=None)
     method, ctx = trainer.method, trainer.ctx
-    whole = method.importance(ctx)
+    whole = [s for scores in method.importance(ctx) for s in scores]  # the decoupled tensors', then the probe's
+    assert len(whole) == len(method.decoupler.params) + len(method.probe.params)
     parts = []
     for rank in range(3):
         ctx.dist = Part(rank=rank, world=3)
-        parts.append(method.importance(ctx))
+        parts.append([s for scores in method.importance(ctx) for s in scores])
     ctx.dist = Dist()
     assert sum(bool(part[0].abs().sum() > 0) for part in parts) >= 2  # the batches really were shared out
     for i, w in enumerate(whole):
@@ -524,3 +525,30 @@ def test_decoupler_standalone_in_a_plain_loop():
     assert torch.equal(model[0].weight.detach()[~pruned], before[~pruned])
     assert bool((opt.state[model[0].weight]["momentum_buffer"][pruned] == 0).all())
     assert decoupler.decouplings == 1 and decoupler.masks.pruning is None
+
+
+def test_exempt_probe_equals_a_run_decoupling_the_classifier_at_the_first_decoupling(tmp_path):
+    """The probe's 'none' reading keeps exactly the classifier entries that a run with exempt none freezes at its
+    first decoupling (both rank the same importance pass, taken before any masking), and its sub-model is the
+    run's own with the other classifier entries zeroed."""
+    probed = make(tmp_path, "probed", epochs=4, stages=2, stage_epochs=[2, 2])
+    probed.fit()
+    strict = make(tmp_path, "strict", epochs=4, stages=2, stage_epochs=[2, 2], exempt="none")
+    strict.fit()
+    probe = probed.method.probe
+    assert set(probe.readings) == {"none", "classifier_bias"}
+    owner = dict(zip([n for n, _ in strict.method.decoupler.params], strict.method.decoupler.masks.owner))
+    for name in ("fc.weight", "fc.bias"):
+        kept = probe.kept["none"][name]
+        assert torch.equal(kept, (owner[name] != 0).cpu())
+        assert 0 < int(kept.sum()) < kept.numel()  # γ 0.5 of the entries: neither none nor all
+    assert torch.equal(probe.kept["classifier_bias"]["fc.weight"], probe.kept["none"]["fc.weight"])
+    assert "fc.bias" not in probe.kept["classifier_bias"]
+    sub = probed.method.submodels[0]
+    masked = probe.submodel("none", sub)
+    assert torch.equal(masked["fc.weight"], sub["fc.weight"] * probe.kept["none"]["fc.weight"])
+    assert torch.equal(masked["conv1.weight"], sub["conv1.weight"])
+    record = probed.method.describe()["stages_table"][0]["exempt_probe"]
+    assert set(record) == {"none", "classifier_bias"} and all(r["all"] is not None for r in record.values())
+    assert "exempt_probe" not in strict.method.describe()["stages_table"][0] or \
+        strict.method.describe()["stages_table"][0]["exempt_probe"] is None  # nothing stricter than none

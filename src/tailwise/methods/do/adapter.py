@@ -35,8 +35,11 @@ Each stage:
    every other tensor (tailwise before issue #22). Why ``classifier``: on the 200-epoch CIFAR-10-LT run with
    ``none``, sub-model 2 scored 2.5% on the few classes, whose classifier rows kept 3-7 of 64 weights and whose
    biases were zero, because the classifier is scored on the current group's images only; exempting the bias
-   alone leaves those rows sparse, and the classifier is 0.14% of ResNet-32's weights. The choice by validation
-   accuracy that issue #22 asks for needs the 200-epoch runs and is left to the benchmark session.
+   alone leaves those rows sparse, and the classifier is 0.14% of ResNet-32's weights. ``exempt_probe`` (default
+   on) makes the choice by validation accuracy within every run, at no extra training: at each decoupling it also
+   evaluates the new sub-model as the stricter readings would leave its classifier (:mod:`.probe`; the same
+   importance pass scores the classifier; exact at the first decoupling, an isolation of the classifier's effect
+   after it), in ``stages_table[].exempt_probe`` beside ``val_tpd``.
 
 3. **Sub-models.** Sub-model ``t < T`` is the network with the entries frozen in stages ``1..t`` (exempt tensors
    whole) and zeros elsewhere, its BatchNorm affine parameters as at its decoupling and its BatchNorm statistics
@@ -79,9 +82,10 @@ from ...options import bounded, choice
 from .. import Method, register_method
 from .batches import class_batches, stage_batches
 from .batchnorm import recompute_batchnorm
-from .decoupler import Decoupler
+from .decoupler import Decoupler, taylor_importance
 from .loss import compensation_loss, stage_alpha
 from .masks import EXEMPT
+from .probe import ExemptProbe
 from .plan import DEFAULT_GAMMA, FEW_SAMPLERS, ORDERS, plan_stages, sampler_name, stage_lr, stage_sampler
 from .report import aggregation_settings, build_ensembles, cost_report
 from .schedule import SCHEDULES, knee, pruning_ratios
@@ -110,6 +114,7 @@ class DOOptions:
     rank_scope: str = choice("layer", "global", default="layer")
     importance_batches: int | None = None  # cap on the scoring pass (None: every image of the stage's classes)
     exempt: str = choice(*EXEMPT, default="classifier")  # what of the classifier is not decoupled
+    exempt_probe: bool = True  # also evaluate each sub-model as the stricter exempt readings would leave it
     bn_batches: int | None = bounded(None, 0)  # sub-model BatchNorm recomputation; None: one epoch, 0: off
     aggregation: str = choice(*AGGREGATIONS, default="average")
     tta_steps: int = bounded(10, 1)  # gradient steps on the per-instance weights
@@ -177,6 +182,7 @@ class DOMethod(Method):
         self.log_alpha = [stage_alpha(s.kind, s.classes, ctx.class_counts, o.rho_m, o.medium_alpha).log().float()
                           if o.compensation else torch.zeros(k) for s in self.stages]
         self.decoupler = Decoupler(ctx.model, o.rank_scope, o.exempt)
+        self.probe = ExemptProbe(ctx.model, o.exempt) if o.exempt_probe else None
         ctx.set_sampler(self.sampler_for(ctx, 0))
 
     def sampler_for(self, ctx, t: int) -> Sampler:
@@ -220,18 +226,23 @@ class DOMethod(Method):
         return aggregate(forward, len(self.submodels) + 1, x, self.options.aggregation, **self.settings(ctx))[0]
 
     # ------------------------------------------------------------------------------------------ decoupling
-    def importance(self, ctx) -> list[torch.Tensor]:
+    def importance(self, ctx) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """:meth:`Decoupler.importance` over the training images of the stage's classes, summed over processes
-        (forward passes in the run's precision, scores accumulated in float64)."""
+        (forward passes in the run's precision, scores accumulated in float64); and, from the same pass, the
+        scores of the exemption probe's tensors (none without a probe)."""
         batches = class_batches(ctx, self.stages[self.stage].classes, self.options.importance_batches)
+        own = [p for _, p in self.decoupler.params]
+        probed = [p for _, p in self.probe.params] if self.probe is not None else []
         with ctx.autocast():
-            return ctx.dist.sum_all_(self.decoupler.importance(batches, self.loss))
+            scores = ctx.dist.sum_all_(taylor_importance(ctx.model, own + probed, batches, self.loss))
+        return scores[:len(own)], scores[len(own):]
 
     def decouple(self, ctx, epoch: int) -> dict:
         """TPD at the end of stage ``self.stage``; then move to the next stage."""
         o, t, s = self.options, self.stage, self.stages[self.stage]
         cpo = self.evaluate_network(ctx, ctx.model)
-        scores = [sc.cpu() for sc in self.importance(ctx)]
+        scores, probe_scores = self.importance(ctx)
+        scores = [sc.cpu() for sc in scores]
         gamma, sweep = s.gamma, None
         if o.gamma_select == "sweep":
             gamma, sweep = self.sweep(ctx, scores)
@@ -259,6 +270,10 @@ class DOMethod(Method):
                   "stage_fraction": sum(int((ow == t + 1).sum()) for ow in owner) / n_total,
                   "val_cpo": cpo, "val_tpd_stale": stale,
                   "val_tpd": stale if sub is stale_sub else self.evaluate_network(ctx, sub)}
+        if self.probe is not None and self.probe.readings:
+            self.probe.decouple(probe_scores, gamma)
+            record["exempt_probe"] = {r: self.evaluate_network(ctx, self.probe.submodel(r, sub))
+                                      for r in self.probe.readings}
         self.records.append(record)
         self.stage += 1
         ctx.set_sampler(self.sampler_for(ctx, self.stage))
@@ -357,7 +372,7 @@ class DOMethod(Method):
             out["lr_schedule"] = "owned by the method (stage 1 cosine to 0, later stages constant)"
             out["decoupled_tensors"] = [name for name, _ in self.decoupler.params]
         keys = ("stage", "group", "gamma", "sweep", "frozen_fraction", "stage_fraction", "val_cpo", "val_tpd_stale",
-                "val_tpd")
+                "val_tpd", "exempt_probe")
         out["stages_table"] = [{k: r.get(k) for k in keys} for r in self.records]  # Table 7's CPO / TPD rows
         if hasattr(self, "final"):
             out["final"] = self.final
@@ -369,8 +384,9 @@ class DOMethod(Method):
             "prune_schedule": f"{o.prune_schedule}: " + ("Δt retraining steps after every grid increment of γ (Eq. 4)"
                                                          if o.prune_schedule == "per_increment" else
                                                          "prune_steps spread over the whole ramp to γ"),
-            "exempt": f"{o.exempt}: the paper is silent on decoupling the classifier; the default is not yet chosen "
-                      "by validation accuracy (see the DOMethod docstring)",
+            "exempt": f"{o.exempt}: the paper is silent on decoupling the classifier; stages_table[].exempt_probe "
+                      "gives each sub-model's validation accuracy under the stricter readings (see the DOMethod "
+                      "docstring)",
             "few_sampler": f"{o.few_sampler}: the reading of p_3 = 1/N_y",
             "medium_alpha": f"{o.medium_alpha}: the reading of alpha_2 = rho_m (Eq. 3)",
             "batchnorm": "sub-model statistics recomputed on the stage's sampler and augmentation "
@@ -382,7 +398,8 @@ class DOMethod(Method):
     def state_dict(self) -> dict:
         return {"stage": self.stage, **self.decoupler.state_dict(),
                 "submodels": [{k: v.cpu().clone() for k, v in s.items()} for s in self.submodels],
-                "records": list(self.records)}
+                "records": list(self.records),
+                "exempt_probe": self.probe.state_dict() if self.probe is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.stage = int(state["stage"])
@@ -390,4 +407,8 @@ class DOMethod(Method):
         dev = self.ctx.device
         self.submodels = [{k: v.to(dev) for k, v in s.items()} for s in state["submodels"]]
         self.records = list(state["records"])
+        if state.get("exempt_probe") is not None and self.probe is not None:
+            self.probe.load_state_dict(state["exempt_probe"])
+        elif self.stage > 0:  # a checkpoint from before the probe, past a decoupling: it cannot catch up
+            self.probe = None
         self.ctx.set_sampler(self.sampler_for(self.ctx, self.stage))

@@ -24,6 +24,24 @@ from torch import nn
 from .masks import FreezeMasks, decoupled_parameters, select_pruned
 
 
+def taylor_importance(model: nn.Module, tensors: list[torch.Tensor], batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                      loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+    """``E_w = sum_b (w · g_b)^2`` per entry of each of ``tensors`` (float64; :meth:`Decoupler.importance`), the
+    model in eval mode so its BatchNorm statistics are not touched."""
+    scores = [torch.zeros(p.shape, dtype=torch.float64, device=p.device) for p in tensors]
+    was = model.training
+    model.eval()
+    try:
+        for x, y in batches:
+            grads = torch.autograd.grad(loss_fn(model(x).float(), y), tensors, allow_unused=True)
+            for sc, g, p in zip(scores, grads, tensors):
+                if g is not None:
+                    sc.add_((p.detach() * g).double().pow(2))
+    finally:
+        model.train(was)
+    return scores
+
+
 class Decoupler:
     """Freeze masks over ``model``'s decoupled tensors (:func:`~.masks.decoupled_parameters` less ``exempt``),
     ranked within each tensor (``rank_scope="layer"``) or over all (``"global"``)."""
@@ -43,19 +61,7 @@ class Decoupler:
         """``E_w = sum_b (w · g_b)^2`` per entry (float64), ``g_b`` the gradient of ``loss_fn(model(x_b), y_b)``
         (the paper's first-order Taylor importance, summed over the batches), with the model in eval mode so its
         BatchNorm statistics are not touched."""
-        scores = [torch.zeros(p.shape, dtype=torch.float64, device=p.device) for _, p in self.params]
-        tensors = [p for _, p in self.params]
-        was = self.model.training
-        self.model.eval()
-        try:
-            for x, y in batches:
-                grads = torch.autograd.grad(loss_fn(self.model(x).float(), y), tensors, allow_unused=True)
-                for sc, g, p in zip(scores, grads, tensors):
-                    if g is not None:
-                        sc.add_((p.detach() * g).double().pow(2))
-        finally:
-            self.model.train(was)
-        return scores
+        return taylor_importance(self.model, [p for _, p in self.params], batches, loss_fn)
 
     def select(self, scores: list[torch.Tensor], ratio: float) -> list[torch.Tensor]:
         """Boolean masks (CPU) of the ``ratio`` fraction of the free entries with the lowest score."""

@@ -66,9 +66,7 @@ def detail_line(row: Row) -> str:
             last = [(r.method.get("history") or [{}])[-1].get("alpha") or {} for r in runs]
             keys = list(last[0])
             alpha_txt = " ".join(f"{SHORT.get(k, k)} {mean_of(a.get(k) for a in last):.2f}" for k in keys)
-    trial = [sum((r.method.get("overhead") or {}).get("trial_s_per_stage") or []) /
-             max(1, len((r.method.get("overhead") or {}).get("trial_s_per_stage") or []))
-             for r in runs if (r.method.get("overhead") or {}).get("trial_s_per_stage")]
+    trial = [statistics.fmean(t) for r in runs if (t := (r.method.get("overhead") or {}).get("trial_s_per_stage"))]
     phases = []
     for r in runs:
         m, epochs = r.method, r.result["epochs"]

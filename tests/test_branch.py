@@ -154,3 +154,23 @@ def test_cli_branch_errors_exit_2_and_leave_nothing(tmp_path, dense):
         assert proc.returncode == 2, proc.stderr
         assert message in proc.stderr and "Traceback" not in proc.stderr
         assert not out.exists()
+
+
+def test_plasticity_branch_equals_the_run_from_scratch(tmp_path, dense):
+    """Growth events after epochs 3 (E_mod 3, the LR decays at 4): epoch index 2 scores, so a branch may start from
+    the plain run's epoch_002.pt and must then equal the run from scratch; epoch_003.pt is refused."""
+    raw = raw_config()
+    raw["method"] = {"name": "plasticity", "every_epochs": 3, "alpha": 0.25}
+    full = trainer_for(raw, tmp_path / "full")
+    full.fit()
+    branch = trainer_for(raw, tmp_path / "branch")
+    branch.branch(dense.out / "checkpoints" / "epoch_002.pt")
+    branch.fit()
+
+    for key, value in weights(full).items():
+        assert torch.equal(value, branch.ctx.model.state_dict()[key]), key
+    assert len(full.method.history) == 1 and full.method.history == branch.method.history
+    assert result_of(full)["accuracy"] == result_of(branch)["accuracy"]
+    assert without_times(full.metrics.records()) == without_times(branch.metrics.records())
+    with pytest.raises(ConfigError, match="at or before epoch 2"):
+        trainer_for(raw, tmp_path / "late").branch(dense.out / "checkpoints" / "epoch_003.pt")

@@ -70,6 +70,12 @@ class PlasticityMethod(Method):
         ctx.log(f"plasticity: growth events after epochs {self.events} (E_mod {self.options.every_epochs}, "
                 f"last_event_epoch {last_event(self.options, ctx.cfg.train)})")
 
+    def first_active_epoch(self) -> int:
+        """The epoch that ends in the first event (E_mod - 1, 0-based): its steps score the channels. Before it
+        the method neither changes nor observes training, so a run may branch from the plain run's checkpoint
+        ``epoch_{E_mod - 1}.pt`` (``epoch_029.pt`` for E_mod 30)."""
+        return self.options.every_epochs - 1
+
     def event_after(self, epoch: int) -> bool:
         """An event runs at the end of 0-based ``epoch``."""
         return epoch + 1 in self.events

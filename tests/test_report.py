@@ -24,7 +24,7 @@ DENSE = {"conv1": 16, "layer1.0.conv1": 16, "layer1.0.conv2": 16, "layer2.0.conv
 
 
 def make_run(path: Path, *, loss="balanced_softmax", method="none", acc=(60.0, 50.0, 40.0, 50.0), F=100.0,
-             seed=0, epochs=6, ltap=False, arch=True, config: dict | None = None) -> Path:
+             seed=0, epochs=6, ltap=False, arch=True, config: dict | None = None, precision=None) -> Path:
     """A run directory with the documented files: result.json, metrics.jsonl, model/arch.json, and a config.yaml
     (the recipe of these settings, updated section by section with ``config``)."""
     path.mkdir(parents=True)
@@ -45,10 +45,12 @@ def make_run(path: Path, *, loss="balanced_softmax", method="none", acc=(60.0, 5
                  "macs_dense": macs_dense, "F": F},
         "method": m, "loss": loss, "model": "resnet20", "epochs": epochs, "seed": seed, "time_s": 1.0,
         "versions": {}}
+    if precision:  # result.json records the resolved train.precision (runs made before it was recorded: none)
+        result["precision"] = precision
     (path / "result.json").write_text(json.dumps(result))
     recipe = {"data": {"name": "synthetic", "num_classes": 10}, "model": {"name": "resnet20"}, "loss": {"name": loss},
               "method": {k: v for k, v in m.items() if v is not None},
-              "train": {"epochs": epochs},
+              "train": {"epochs": epochs, **({"precision": precision} if precision else {})},
               "run": {"seed": seed}}
     if pruned:  # pruning stages at epochs 2 and 4, as in metrics.jsonl
         recipe["method"].update(start_epoch=2, stage_interval=2)
@@ -117,7 +119,7 @@ def test_table_numbers_match_result_json_and_hand_computed_C(runs, tmp_path):
     assert rows["ce_ltap"]["C"] is None and rows["ce_ltap"]["C_over_F"] is None  # no dense CE run: blank
     md = (tmp_path / "out" / "table.md").read_text()
     line = next(ln for ln in md.splitlines() if ln.startswith("| BS + LTAP"))
-    assert [c.strip() for c in line.split("|")[2:-1]] == ["n = 1", "22.6", "55.8", "44.7", "23.2", "42.4", "89.8",
+    assert [c.strip() for c in line.split("|")[2:-1]] == ["n = 1", "fp32", "22.6", "55.8", "44.7", "23.2", "42.4", "89.8",
                                                           "3.97"]
     ce_line = next(ln for ln in md.splitlines() if ln.startswith("| CE + LTAP"))
     assert [c.strip() for c in ce_line.split("|")[-3:-1]] == ["", ""]
@@ -275,10 +277,10 @@ def test_seeds_form_one_row_with_mean_and_sample_sd(seeded, tmp_path, monkeypatc
     # C of each seed against the baseline run of the same seed; C/F with that seed's own F
     c = [100 * LTAP_ACC[s][3] / BS_ACC[s][3] for s in (0, 1, 2)]
     c_over_f = [c[s] / LTAP_F[s] for s in (0, 1, 2)]
-    assert md_cells(md, LTAP_LABEL) == ["n = 3", cell([24.5, 24.9, 24.4]), *(cell(col(LTAP_ACC, i)) for i in range(4)),
+    assert md_cells(md, LTAP_LABEL) == ["n = 3", "fp32", cell([24.5, 24.9, 24.4]), *(cell(col(LTAP_ACC, i)) for i in range(4)),
                                         cell(c), cell(c_over_f, 2)]
-    assert md_cells(md, LTAP_LABEL)[5] == "70.5 ± 0.9" and cell(c) == "99.2 ± 0.4"
-    assert md_cells(md, "**BS** (baseline)")[:7] == ["n = 3", "100.0 ± 0.0", "84.0 ± 1.0", cell([68.0, 69.0, 67.5]),
+    assert md_cells(md, LTAP_LABEL)[6] == "70.5 ± 0.9" and cell(c) == "99.2 ± 0.4"
+    assert md_cells(md, "**BS** (baseline)")[:8] == ["n = 3", "fp32", "100.0 ± 0.0", "84.0 ± 1.0", cell([68.0, 69.0, 67.5]),
                                                      cell([61.0, 62.5, 60.0]), "71.1 ± 1.0", "100.0 ± 0.0"]
     # paired differences against the baseline: mean (min … max) of the per-seed differences
     assert md_cells(md, f"{LTAP_LABEL} | BS") == ["n = 3", "−3.8 (−4.0 … −3.5)", "+0.8 (+0.5 … +1.0)",
@@ -319,7 +321,7 @@ def test_c_only_against_the_baseline_run_of_the_same_seed(seeded, tmp_path):
     build_report([d for name, d in seeded.items() if name != "bs_s2"], out)
     md = (out / "table.md").read_text()
     c = [100 * LTAP_ACC[s][3] / BS_ACC[s][3] for s in (0, 1)]
-    assert md_cells(md, LTAP_LABEL)[6] == cell(c) + " (n = 2)"  # seed 2 has no baseline run: no C
+    assert md_cells(md, LTAP_LABEL)[7] == cell(c) + " (n = 2)"  # seed 2 has no baseline run: no C
     ltap2 = next(row for row in read_csv(out / "table.csv") if row["run"] == str(seeded["ltap_s2"]))
     assert ltap2["C"] is None and ltap2["baseline"] is None
     assert md_cells(md, f"{LTAP_LABEL} | BS")[:3] == ["n = 2", "−4.0 (−4.0 … −4.0)", "+1.0 (+1.0 … +1.0)"]
@@ -419,3 +421,27 @@ def test_report_draws_the_kernel_mask_of_a_pruned_run(pruned_run, tmp_path):
     assert len(kernels) == 1 and kernels[0].read_bytes().startswith(PNG)
     run = report["runs"][0]
     assert run.dense_channels["layer3.0.conv1"] == 64 and run.live_channels["layer3.0.conv1"] < 64
+
+
+def test_precision_column_and_baselines_of_the_same_precision(tmp_path):
+    """fp32 and bf16 runs of one recipe are separate rows, labelled and shown with their precision; a bf16 pruned
+    run's C is against the bf16 dense run of its seed, never the fp32 one, and blank where there is none."""
+    r = tmp_path / "runs"
+    dense32 = make_run(r / "bs_s0", acc=(80.0, 70.0, 60.0, 70.0))
+    dense16 = make_run(r / "bs_bf16_s0", acc=(82.0, 72.0, 62.0, 72.0), precision="bf16")
+    ltap16 = make_run(r / "ltap_bf16_s0", method="ltap", acc=(80.0, 70.0, 63.0, 71.0), F=25.0, precision="bf16")
+    out = tmp_path / "out"
+    report = build_report([dense32, dense16, ltap16], out)
+    labels = {row.label: row.first.precision for row in report["rows"]}
+    assert labels == {"BS [fp32]": "fp32", "BS [bf16]": "bf16", LTAP_LABEL: "bf16"}
+    rows = {Path(row["run"]).name: row for row in read_csv(out / "table.csv")}
+    assert rows["ltap_bf16_s0"]["C"] == pytest.approx(100 * 71.0 / 72.0)
+    assert rows["ltap_bf16_s0"]["baseline"] == str(dense16) and rows["ltap_bf16_s0"]["precision"] == "bf16"
+    assert rows["bs_s0"]["precision"] == "fp32"
+    md = (out / "table.md").read_text()
+    assert md_cells(md, LTAP_LABEL)[:2] == ["n = 1", "bf16"] and md_cells(md, "**BS [fp32]** (baseline)")[1] == "fp32"
+    assert "Precision differs between rows (bf16, fp32)" in md
+
+    alone = build_report([dense32, ltap16], tmp_path / "alone")  # no bf16 dense run: no C for the bf16 run
+    ltap = next(row for row in alone["rows"] if row.first.path == ltap16)
+    assert ltap.baseline is None and ltap.stat("C").n == 0

@@ -44,6 +44,7 @@ import html
 import json
 import math
 import statistics
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -55,7 +56,7 @@ LOSS_LABELS = {"ce": "CE", "focal": "Focal", "class_balanced": "CB", "balanced_s
                "logit_adjust": "LA", "ldam_drw": "LDAM-DRW", "ldam": "LDAM"}
 METHOD_LABELS = {"ltap": "LTAP", "magnitude": "Magnitude", "taylor": "Taylor", "random": "Random",
                  "plasticity": "Growth", "do": "DO", "more": "MORE"}
-CSV_FIELDS = ["run", "method", "loss", "dataset", "model", "seed", "selection", "F", "head", "medium", "tail", "all",
+CSV_FIELDS = ["run", "method", "loss", "dataset", "model", "seed", "precision", "selection", "F", "head", "medium", "tail", "all",
               "balanced", "C", "C_over_F", "baseline", "params", "macs", "params_dense", "macs_dense"]
 REQUIRED = (("accuracy", "all"), ("accuracy", "many"), ("accuracy", "medium"), ("accuracy", "few"), ("cost", "macs"))
 # config keys in which the seeds of one row may differ: the seed, and keys that cannot change a run's results
@@ -91,6 +92,11 @@ class RunData:
     @property
     def seed(self):
         return self.result.get("seed")
+
+    @property
+    def precision(self) -> str:
+        """The run's resolved ``train.precision`` (result.json; runs made before it was recorded trained in fp32)."""
+        return str(self.result.get("precision") or "fp32")
 
     @property
     def macs(self):
@@ -368,32 +374,36 @@ def check_seeds(label: str, runs: list[RunData]) -> None:
 
 
 def group_rows(runs: list[RunData]) -> list[Row]:
-    """One Row per (dataset, model, label) in first-seen order, each checked by ``check_seeds``; rows that still
-    share a label (another dataset or model) get their first run's directory name appended."""
+    """One Row per (dataset, model, label, precision) in first-seen order, each checked by ``check_seeds``; rows
+    that still share a label get their precision appended where that tells them apart (an fp32 and a bf16 run of
+    one recipe), else their first run's directory name (another dataset or model)."""
     groups: dict[tuple, list[RunData]] = {}
     for r in runs:
-        groups.setdefault((r.dataset_key, r.model, r.label), []).append(r)
+        groups.setdefault((r.dataset_key, r.model, r.label, r.precision), []).append(r)
     rows = []
-    for (_, _, label), members in groups.items():
+    for (_, _, label, _), members in groups.items():
         check_seeds(label, members)
         rows.append(Row(label, sorted(members, key=lambda r: (r.seed is None, r.seed))))
-    labels = [row.label for row in rows]
+    labels = Counter(row.label for row in rows)
+    by_precision = Counter((row.label, row.first.precision) for row in rows)
     for row in rows:
-        if labels.count(row.label) > 1:
-            row.label += f" [{row.first.path.name}]"
+        if labels[row.label] > 1:
+            unique = by_precision[(row.label, row.first.precision)] == 1
+            row.label += f" [{row.first.precision if unique else row.first.path.name}]"
             for r in row.runs:
                 r.label = row.label
     return rows
 
 
 def assign_baselines(rows: list[Row], baseline: RunData | None) -> None:
-    """Each row's baseline row (the one holding ``baseline``, else the dense row of its dataset, model and loss),
-    and each run's baseline run: the baseline row's run of the same seed (None where it has none)."""
+    """Each row's baseline row (the one holding ``baseline``, else the dense row of its dataset, model, loss and
+    precision: C never compares a bf16 run with an fp32 one), and each run's baseline run: the baseline row's run of
+    the same seed (None where it has none)."""
     fixed = next((row for row in rows if any(r is baseline for r in row.runs)), None)
     for row in rows:
         r = row.first
         cands = [b for b in rows if b.first.is_dense and b.first.loss == r.loss and b.first.dataset_key == r.dataset_key
-                 and (b.first.model == r.model or None in (b.first.model, r.model))]
+                 and b.first.precision == r.precision and (b.first.model == r.model or None in (b.first.model, r.model))]
         row.baseline = fixed or (row if row in cands else next(iter(cands), None))
         for run in row.runs:
             run.baseline = row.baseline.run_of_seed(run.seed) if row.baseline else None
@@ -424,7 +434,7 @@ def paired_diffs(rows: list[Row], requested: Iterable[tuple] = ()) -> list[Paire
 
 
 # ------------------------------------------------------------------------------------------------- tables
-HEADERS = ["Method", "Seeds", "F(%) ↓", "Head ↑", "Medium ↑", "Tail ↑", "All ↑", "C(%) ↑", "C/F ↑"]
+HEADERS = ["Method", "Seeds", "Precision", "F(%) ↓", "Head ↑", "Medium ↑", "Tail ↑", "All ↑", "C(%) ↑", "C/F ↑"]
 TABLE_COLUMNS = (("F", 1), ("head", 1), ("medium", 1), ("tail", 1), ("all", 1), ("C", 1), ("C_over_F", 2))
 DIFF_COLUMNS = ("head", "medium", "tail", "all")
 DIFF_HEADERS = ["Row", "Reference", "Seeds", "Head", "Medium", "Tail", "All"]
@@ -458,8 +468,9 @@ def diff_text(stat: Stat) -> str:
 
 
 def row_cells(row: Row) -> list[str]:
-    """The text of a row's cells after Method: Seeds, then TABLE_COLUMNS."""
-    return [f"n = {len(row.runs)}", *(stat_text(row.stat(c), nd, len(row.runs)) for c, nd in TABLE_COLUMNS)]
+    """The text of a row's cells after Method: Seeds, Precision, then TABLE_COLUMNS."""
+    return [f"n = {len(row.runs)}", row.first.precision,
+            *(stat_text(row.stat(c), nd, len(row.runs)) for c, nd in TABLE_COLUMNS)]
 
 
 def diff_cells(diff: PairedDiff) -> list[str]:
@@ -474,7 +485,7 @@ def table_rows(runs: list[RunData]) -> list[dict]:
     for r in runs:
         c = r.cost
         rows.append({"run": str(r.path), "method": r.label, "loss": r.loss, "dataset": r.dataset.get("name"),
-                     "model": r.model, "seed": r.seed, "selection": r.result.get("selection"),
+                     "model": r.model, "seed": r.seed, "precision": r.precision, "selection": r.result.get("selection"),
                      **{k: METRICS[k](r) for k in CSV_METRICS},
                      "baseline": str(r.baseline.path) if r.baseline is not None else None,
                      "params": c.get("params"), "params_dense": c.get("params_dense"),
@@ -500,11 +511,15 @@ def caption(runs: list[RunData]) -> str:
                      f"Head/Medium/Tail = {g.get('many', '?')}/{g.get('medium', '?')}/{g.get('few', '?')} classes "
                      f"({rule})")
     sel = sorted({str(r.result.get("selection", "last")) for r in runs})
+    precisions = sorted({r.precision for r in runs})
+    mixed = (f" Precision differs between rows ({', '.join(precisions)}): compare rows of one precision."
+             if len(precisions) > 1 else "")
     return ("Top-1 test accuracy (%). " + "; ".join(parts) + f". Model: {', '.join(sel)} epoch. "
             "Seeds: n runs that differ only in run.seed; for n > 1 a cell is the mean ± sample standard deviation "
             "over them, (n = k) where only k have a value. "
             "F = 100 x MACs / dense MACs; C = 100 x All / All(baseline run of the same seed); C/F = C / F; "
-            "blank C, C/F: no dense baseline of the same loss and dataset among the runs, or none of that seed.")
+            "blank C, C/F: no dense baseline of the same loss, dataset and precision among the runs, or none of "
+            "that seed." + mixed)
 
 
 def _md_line(cells: list[str]) -> str:
@@ -581,8 +596,9 @@ def _html_row(cls: str, cells: list[tuple[str, str, str]]) -> str:
 def _html_results_row(row: Row) -> str:
     texts = row_cells(row)
     cells = [("", ", ".join(str(r.path) for r in row.runs), row.label),
-             ("", "seeds " + ", ".join(str(s) for s in row.seeds), texts[0])]
-    for (column, nd), text in zip(TABLE_COLUMNS, texts[1:]):
+             ("", "seeds " + ", ".join(str(s) for s in row.seeds), texts[0]),
+             ("", "train.precision of the row's runs", texts[1])]
+    for (column, nd), text in zip(TABLE_COLUMNS, texts[2:]):
         per_seed = "; ".join(f"seed {s}: {_f(v, nd)}" for s, v in row.values(column).items())
         cells.append(("key" if column in ("F", "C_over_F") else "", per_seed, text))
     return _html_row("baseline" if row.baseline is row else "", cells)

@@ -118,7 +118,7 @@ def main(argv=None) -> int:
             continue
         run.label = method_label(run)
         runs.append(run)
-    precisions = sorted({str(r.result.get("precision", "fp32")) for r in runs})
+    precisions = sorted({r.precision for r in runs})
     if len(precisions) > 1:
         print(f"error: the runs mix precisions ({', '.join(precisions)}); a table holds one precision, so report "
               "them in separate sections", file=sys.stderr)

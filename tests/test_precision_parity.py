@@ -1,18 +1,28 @@
 """benchmarks/precision_parity.py: the bf16-vs-fp32 verdict and paired differences against hand-computed values."""
 from __future__ import annotations
 
-import subprocess
-import sys
+import importlib
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 
 from test_report import make_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def parity(fp32: list[Path], bf16: list[Path]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "precision_parity.py"), *map(str, fp32),
-                           "--bf16", *map(str, bf16)], capture_output=True, text=True, timeout=120)
+@pytest.fixture
+def parity(monkeypatch, capsys):
+    """Run the script's main() in this process: (fp32 dirs, bf16 dirs) -> returncode, stdout, stderr."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    script = importlib.import_module("precision_parity")
+
+    def run(fp32: list[Path], bf16: list[Path]) -> SimpleNamespace:
+        rc = script.main([*map(str, fp32), "--bf16", *map(str, bf16)])
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=rc, stdout=out.out, stderr=out.err)
+    return run
 
 
 def runs(tmp_path: Path, fp32_all: list[float], bf16_all: list[float]) -> tuple[list[Path], list[Path]]:
@@ -22,7 +32,7 @@ def runs(tmp_path: Path, fp32_all: list[float], bf16_all: list[float]) -> tuple[
     return fp32, bf16
 
 
-def test_parity_within_the_fp32_spread_with_each_seeds_difference(tmp_path):
+def test_parity_within_the_fp32_spread_with_each_seeds_difference(tmp_path, parity):
     out = parity(*runs(tmp_path, [72.0, 72.5, 71.9], [72.3, 71.8]))
     assert out.returncode == 0, out.stderr
     # fp32 mean 72.1333, spread 72.5 - 71.9 = 0.60; bf16 mean 72.05: |delta| 0.08
@@ -32,7 +42,7 @@ def test_parity_within_the_fp32_spread_with_each_seeds_difference(tmp_path):
     assert "| bf16 | 1 | 81.00 | 69.00 | 60.50 | 71.80 |" in out.stdout
 
 
-def test_parity_outside_the_spread_and_refusals(tmp_path):
+def test_parity_outside_the_spread_and_refusals(tmp_path, parity):
     fp32, bf16 = runs(tmp_path, [72.0, 72.5], [71.0, 71.2])
     out = parity(fp32, bf16)
     assert out.returncode == 0, out.stderr

@@ -1,18 +1,22 @@
-"""DO against its base recipe, in the layout of the DO paper's tables, from two finished runs.
+"""DO against its base recipes over seeds, in the layout of the DO paper's tables, from finished runs.
 
-    python benchmarks/do_benchmark.py BASELINE_RUN DO_RUN [--images 1000] [--threads 2] [--write-docs]
+    python benchmarks/do_benchmark.py --baseline RUN... --do RUN... [--randaugment RUN...] [--images 1000]
+        [--threads 2] [--section TITLE] [--intro TEXT | @FILE] [--write-docs]
 
-Rows: the baseline (one network) and the DO run's sub-model ensemble under every aggregation -- ``average``
-(the paper's "Ours wo TTL"), ``instance`` (instance-level test-time learning, Eq. 5: "Ours") and ``group``
-(SADE-style weights learned on the unlabelled test images) -- with many / medium / few / all test accuracy (the
-DO run's ``result.json`` has them all: ``method.final.test_by_aggregation``) and the measured prediction cost
-per image of each, timed here on the same test images with the deployed models (``model/``), so the ratios are
-comparable within one run of this script; then every sub-model alone on the whole test split (Table 7's
-per-stage view). A second table gives the per-stage validation accuracies (after collaborative optimisation;
-the new sub-model with the retraining's BatchNorm statistics, and with recomputed ones), a third the mean
-instance-level weight of each sub-model per class group of the true label (Table 9), computed here from the
-deployed sub-models whatever aggregation the run itself used, and a fourth the validation accuracy of
-instance-level test-time learning at several step sizes (the paper gives none).
+Runs are matched by their seed (``result.json``); all must share one precision. Rows: each baseline (one
+network: ``--baseline``, e.g. Balanced Softmax, and ``--randaugment``, the same with RandAugment, DO's
+augmentation) and the DO runs' sub-model ensembles under every aggregation -- ``average`` (the paper's "Ours wo
+TTL"), ``instance`` (instance-level test-time learning, Eq. 5: "Ours") and ``group`` (SADE-style weights learned
+on the unlabelled test images) -- with many / medium / few / all test accuracy as mean ± sample sd over the seeds
+(the DO run's ``result.json`` has every aggregation: ``method.final.test_by_aggregation``), then every sub-model
+alone on the whole test split (Table 7's per-stage view). The prediction cost per image of each row is timed here
+on the same test images with the first seed's deployed models (``model/``), so the ratios are comparable within
+one run of this script. Then the paired differences seed by seed (every DO row against every baseline, each
+seed's own difference on Few and All), the issue's goals per seed, the per-stage validation accuracies of every
+DO run (after collaborative optimisation; the new sub-model with the retraining's BatchNorm statistics, and with
+recomputed ones; the ``exempt_probe`` readings), the mean instance-level weight of each sub-model per class group
+of the true label (Table 9), and the first seed's validation accuracy of instance-level test-time learning at
+several step sizes (the paper gives none).
 """
 from __future__ import annotations
 
@@ -26,7 +30,10 @@ import torch
 
 from common import add_intro_option, fmt, log, machine_lines, publish, section_head
 
+from tailwise.eval.report import stat_text, summarize as over_seeds
+
 AGGREGATIONS = ("average", "instance", "group")
+GROUPS = ("many", "medium", "few", "all")
 LABELS = {"average": "average of the sub-models (paper: Ours wo TTL)",
           "instance": "instance-level test-time learning (paper: Ours)",
           "group": "group-level weights learned on the unlabelled test set (SADE-style)"}
@@ -86,111 +93,179 @@ def tta_strength(ensemble, x: torch.Tensor, y: torch.Tensor, groups, lrs=(1.0, 1
     return rows
 
 
-def stage_rows(method: dict) -> list[str]:
-    """Table rows of the per-stage validation accuracies in a DO run's ``result.json`` method record."""
-    rows = ["| Stage | Group | gamma | Val all after collaborative optimisation | New sub-model, the retraining's "
-            "BN statistics | New sub-model, recomputed BN statistics: all (many / medium / few) |",
-            "|---:|---|---:|---:|---:|---:|"]
-    for r in method.get("stages_table", []):
-        cpo, stale, tpd = (r.get(k) or {} for k in ("val_cpo", "val_tpd_stale", "val_tpd"))
-        if "val_tpd_stale" not in r:  # a run from before issue #22: its sub-models kept the retraining's statistics
-            stale, tpd = tpd, {}
-        rows.append(f"| {r['stage']} | {r['group']} | {fmt(r.get('gamma'))} | {fmt(cpo.get('all'))} | "
-                    f"{fmt(stale.get('all'))} | {fmt(tpd.get('all'))} ({fmt(tpd.get('many'))} / "
-                    f"{fmt(tpd.get('medium'))} / {fmt(tpd.get('few'))}) |")
-    probed = [r for r in method.get("stages_table", []) if r.get("exempt_probe")]
-    if probed:
-        readings = list(probed[0]["exempt_probe"])
+def stage_rows(methods: dict) -> list[str]:
+    """Table rows of the per-stage validation accuracies in the DO runs' ``result.json`` method records
+    (``{seed: method record}``), then the ``exempt_probe`` readings where the runs recorded them."""
+    rows = ["| Seed | Stage | Group | gamma | Val all after collaborative optimisation | New sub-model, the "
+            "retraining's BN statistics | New sub-model, recomputed BN statistics: all (many / medium / few) |",
+            "|---:|---:|---|---:|---:|---:|---:|"]
+    for seed, method in methods.items():
+        for r in method.get("stages_table", []):
+            cpo, stale, tpd = (r.get(k) or {} for k in ("val_cpo", "val_tpd_stale", "val_tpd"))
+            if "val_tpd_stale" not in r:  # a run from before issue #22: its sub-models kept the retraining's statistics
+                stale, tpd = tpd, {}
+            rows.append(f"| {seed} | {r['stage']} | {r['group']} | {fmt(r.get('gamma'))} | {fmt(cpo.get('all'))} | "
+                        f"{fmt(stale.get('all'))} | {fmt(tpd.get('all'))} ({fmt(tpd.get('many'))} / "
+                        f"{fmt(tpd.get('medium'))} / {fmt(tpd.get('few'))}) |")
+    probed = {seed: [r for r in m.get("stages_table", []) if r.get("exempt_probe")] for seed, m in methods.items()}
+    first = next((rs for rs in probed.values() if rs), None)
+    if first:
+        readings = list(first[0]["exempt_probe"])
+        exempt = sorted({str(m.get("exempt")) for m in methods.values()})
         rows += ["", f"The same new sub-models (recomputed statistics) with the classifier decoupled as the stricter "
-                     f"`exempt` readings would leave it (`exempt_probe`; the run itself: `{method.get('exempt')}`), "
+                     f"`exempt` readings would leave it (`exempt_probe`; the runs themselves: `{', '.join(exempt)}`), "
                      "validation all (many / medium / few):", "",
-                 "| Stage | Group | " + " | ".join(f"`exempt: {r}`" for r in readings) + " |",
-                 "|---:|---|" + "---:|" * len(readings)]
-        for r in probed:
-            cells = [f"{fmt(a.get('all'))} ({fmt(a.get('many'))} / {fmt(a.get('medium'))} / {fmt(a.get('few'))})"
-                     for a in (r["exempt_probe"][k] for k in readings)]
-            rows.append(f"| {r['stage']} | {r['group']} | " + " | ".join(cells) + " |")
+                 "| Seed | Stage | Group | " + " | ".join(f"`exempt: {r}`" for r in readings) + " |",
+                 "|---:|---:|---|" + "---:|" * len(readings)]
+        for seed, records in probed.items():
+            for r in records:
+                cells = [f"{fmt(a.get('all'))} ({fmt(a.get('many'))} / {fmt(a.get('medium'))} / {fmt(a.get('few'))})"
+                         for a in (r["exempt_probe"][k] for k in readings)]
+                rows.append(f"| {seed} | {r['stage']} | {r['group']} | " + " | ".join(cells) + " |")
     return rows
 
 
 def ms_per_image(model: torch.nn.Module, x: torch.Tensor, batch: int, repeats: int = 2) -> float:
-    """Median over ``repeats`` passes of the prediction time per image (batches of ``batch``)."""
+    """Median over ``repeats`` passes of the prediction time per image (batches of ``batch``), after one untimed
+    pass (one warm-up batch left the first model timed 25% slow: thread pool and oneDNN set-up)."""
     times = []
     with torch.no_grad():
-        model(x[:batch])  # warm-up
-        for _ in range(repeats):
+        for _ in range(repeats + 1):
             start = time.perf_counter()
             for i in range(0, len(x), batch):
                 model(x[i:i + batch])
             times.append(1000 * (time.perf_counter() - start) / len(x))
-    return sorted(times)[len(times) // 2]
+    return sorted(times[1:])[len(times[1:]) // 2]
 
 
-def main() -> None:
+def by_seed(paths: list[str], role: str) -> dict:
+    """``{seed: (run dir, result.json)}`` of ``paths``; one run per seed."""
+    runs = {}
+    for path in map(Path, paths):
+        result = json.loads((path / "result.json").read_text())
+        if result.get("seed") in runs:
+            raise SystemExit(f"error: two {role} runs of seed {result.get('seed')}: {runs[result['seed']][0]}, {path}")
+        runs[result.get("seed")] = (path, result)
+    return dict(sorted(runs.items()))
+
+
+def mean_cells(values: list[dict]) -> list[str]:
+    """Many / medium / few / all as mean ± sample sd over ``values`` (one accuracy dict per seed)."""
+    return [stat_text(over_seeds(v[k] for v in values), 2, len(values)) for k in GROUPS]
+
+
+def seed_diffs(name: str, rows: dict, ref_name: str, ref: dict) -> str:
+    """A table line: ``rows`` minus ``ref`` ({seed: accuracy dict}) on Few and All, mean and each seed's own."""
+    seeds = [s for s in rows if s in ref]
+    cells = []
+    for k in ("few", "all"):
+        d = {s: rows[s][k] - ref[s][k] for s in seeds}
+        cells += [f"{over_seeds(d.values()).mean:+.2f}", ", ".join(f"s{s} {v:+.2f}" for s, v in d.items())]
+    return f"| {name} | {ref_name} | {len(seeds)} | " + " | ".join(cells).replace("-", "−") + " |"
+
+
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("baseline")
-    ap.add_argument("do_run")
+    ap.add_argument("--baseline", nargs="+", required=True, help="the plain baseline runs, one per seed")
+    ap.add_argument("--randaugment", nargs="*", default=[], help="the baseline with RandAugment, one run per seed")
+    ap.add_argument("--do", nargs="+", required=True, help="the DO runs, one per seed")
     ap.add_argument("--images", type=int, default=1000, help="test images timed per row")
     ap.add_argument("--batch", type=int, default=250)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--section", default="DO: ResNet-32, CIFAR-10-LT IR 100, 200 epochs")
     add_intro_option(ap)
     ap.add_argument("--write-docs", action="store_true")
-    ns = ap.parse_args()
+    ns = ap.parse_args(argv)
     from tailwise import load_model
 
     torch.set_num_threads(ns.threads)
-    base_dir, do_dir = Path(ns.baseline), Path(ns.do_run)
-    base, do = (json.loads((d / "result.json").read_text()) for d in (base_dir, do_dir))
-    final = do["method"].get("final", {})
-    by_agg = final.get("test_by_aggregation") or {do["method"]["aggregation"]: do["accuracy"]}
+    baselines = {"baseline": by_seed(ns.baseline, "baseline")}
+    if ns.randaugment:
+        baselines["randaugment"] = by_seed(ns.randaugment, "RandAugment baseline")
+    dos = by_seed(ns.do, "DO")
+    precisions = {str(r.get("precision") or "fp32") for runs in (*baselines.values(), dos) for _, r in runs.values()}
+    if len(precisions) > 1:
+        raise SystemExit(f"error: the runs mix precisions ({', '.join(sorted(precisions))}); a table holds one")
+    seed0, (do_dir, do0) = next(iter(dos.items()))
+    base_dir = next(iter(baselines["baseline"].values()))[0]
     (x_all, y_all), val, groups = eval_splits(do_dir)
     x = x_all[:ns.images]
-    log(f"timing {len(x)} test images, {ns.threads} threads")
-    dense = load_model(base_dir)
-    ensemble = load_model(do_dir)
-    log(f"sub-models alone and instance weights on {len(x_all)} test images")
-    alone, lam = members_and_weights(ensemble, x_all, y_all, groups, ns.batch)
-    strength = tta_strength(ensemble, *val, groups) if val is not None else []
-    cost = {"baseline": ms_per_image(dense, x, ns.batch)}
+    log(f"timing {len(x)} test images, {ns.threads} threads, the seed-{seed0} models")
+    ensemble0 = load_model(do_dir)
+    cost = {"baseline": ms_per_image(load_model(base_dir), x, ns.batch)}
     # group weights' values do not change the cost: uniform ones when the run did not learn them
-    lam_group = ensemble.settings.get("group_lambda") or [1.0 / len(ensemble.members)] * len(ensemble.members)
+    lam_group = ensemble0.settings.get("group_lambda") or [1.0 / len(ensemble0.members)] * len(ensemble0.members)
     for mode in AGGREGATIONS:
-        cost[mode] = ms_per_image(ensemble.with_aggregation(mode, group_lambda=lam_group), x, ns.batch)
+        cost[mode] = ms_per_image(ensemble0.with_aggregation(mode, group_lambda=lam_group), x, ns.batch)
         log(f"{mode}: {cost[mode]:.3f} ms / image")
+    alone, lams = {}, {}
+    for seed, (path, _) in dos.items():
+        log(f"seed {seed}: sub-models alone and instance weights on {len(x_all)} test images")
+        alone[seed], lams[seed] = members_and_weights(load_model(path), x_all, y_all, groups, ns.batch)
+    strength = tta_strength(ensemble0, *val, groups) if val is not None else []
 
-    b = base["accuracy"]
-    rows = ["| Method | Aggregation | Many | Medium | Few | All | Prediction ms / image | x baseline |",
-            "|---|---|---:|---:|---:|---:|---:|---:|",
-            f"| {base['loss']} ({base['method']['name']}, {base['epochs']} ep) | one network | {fmt(b['many'])} | "
-            f"{fmt(b['medium'])} | {fmt(b['few'])} | **{fmt(b['all'])}** | {cost['baseline']:.3f} | 1.00 |"]
-    n_members = len(ensemble.members)
-    for t, a in enumerate(alone):
+    seeds = ", ".join(map(str, dos))
+    rows = [f"| Method | Aggregation | Seeds | {' | '.join(g.capitalize() for g in GROUPS)} | Prediction ms / image "
+            "| x baseline |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    accuracy = {}  # row name -> {seed: accuracy dict}
+    for role, runs in baselines.items():
+        r0 = next(iter(runs.values()))[1]
+        name = f"{r0['loss']}{' + RandAugment' if role == 'randaugment' else ''} ({r0['epochs']} ep)"
+        accuracy[name] = {s: r["accuracy"] for s, (_, r) in runs.items()}
+        rows.append(f"| {name} | one network | {', '.join(map(str, runs))} | "
+                    + " | ".join(mean_cells(list(accuracy[name].values()))) + f" | {cost['baseline']:.3f} | 1.00 |")
+    n_members = len(ensemble0.members)
+    for t in range(n_members):
         what = ("the whole final network" if t == n_members - 1 else "frozen entries of stage 1" if t == 0
                 else f"frozen entries of stages 1-{t + 1}")
-        rows.append(f"| DO sub-model {t + 1} alone ({what}) | - | {fmt(a['many'])} | {fmt(a['medium'])} | "
-                    f"{fmt(a['few'])} | {fmt(a['all'])} | - | - |")
+        accuracy[f"DO sub-model {t + 1} alone"] = {s: alone[s][t] for s in dos}
+        rows.append(f"| DO sub-model {t + 1} alone ({what}) | - | {seeds} | "
+                    + " | ".join(mean_cells([alone[s][t] for s in dos])) + " | - | - |")
     for mode in AGGREGATIONS:
-        a = by_agg.get(mode)
-        if a is None:
+        per_seed = {s: (r["method"].get("final", {}).get("test_by_aggregation") or
+                        {r["method"]["aggregation"]: r["accuracy"]}).get(mode) for s, (_, r) in dos.items()}
+        per_seed = {s: a for s, a in per_seed.items() if a is not None}
+        if not per_seed:
             continue
-        rows.append(f"| DO ({n_members} sub-models, {do['epochs']} ep) | {LABELS[mode]} | {fmt(a['many'])} | "
-                    f"{fmt(a['medium'])} | {fmt(a['few'])} | **{fmt(a['all'])}** | {cost[mode]:.3f} | "
-                    f"{cost[mode] / cost['baseline']:.2f} |")
-    stages = stage_rows(do["method"])
-    lines = [*section_head(f"## {ns.section}", "benchmarks/do_benchmark.py", sys.argv[1:]), *([ns.intro, ""] if ns.intro else []),
-             *machine_lines(ns.threads),
-             f"- Runs: `{base_dir}` (baseline), `{do_dir}` (DO); timing: {len(x)} test images, batch {ns.batch}", "",
-             *rows, "", *stages]
+        accuracy[f"DO, {mode}"] = per_seed
+        rows.append(f"| DO ({n_members} sub-models, {do0['epochs']} ep) | {LABELS[mode]} | "
+                    f"{', '.join(map(str, per_seed))} | " + " | ".join(f"**{c}**" if k == "all" else c for k, c in
+                                                                        zip(GROUPS, mean_cells(list(per_seed.values()))))
+                    + f" | {cost[mode]:.3f} | {cost[mode] / cost['baseline']:.2f} |")
+    refs = [name for name in accuracy if not name.startswith("DO")]
+    diffs = ["Paired differences, Row − Reference (percentage points, test set): the mean over the seeds both have, "
+             "then each seed's own:", "", "| Row | Reference | n | Few | Few, per seed | All | All, per seed |",
+             "|---|---|---:|---:|---|---:|---|"]
+    diffs += [seed_diffs(name, accuracy[name], ref, accuracy[ref])
+              for name in accuracy if name.startswith("DO") for ref in refs]
+    goals = ["", "The issue's goals, seed by seed: sub-model 1 alone ≥ 58% All; DO (instance-level test-time learning, "
+             "the paper's \"Ours\") at least level with the RandAugment baseline on All, with a higher Few:", ""]
+    ra = next((accuracy[n] for n in refs if "RandAugment" in n), None)
+    ours = accuracy.get("DO, instance", {})
+    for s in dos:
+        sub1 = alone[s][0]["all"]
+        line = f"- seed {s}: sub-model 1 alone {sub1:.2f} ({'met' if sub1 >= 58 else 'not met'})"
+        if ra is not None and s in ra and s in ours:
+            level = ours[s]["all"] >= ra[s]["all"] and ours[s]["few"] > ra[s]["few"]
+            line += (f"; DO All {ours[s]['all']:.2f} vs {ra[s]['all']:.2f}, Few {ours[s]['few']:.2f} vs "
+                     f"{ra[s]['few']:.2f} ({'met' if level else 'not met'})")
+        goals.append(line)
+    lines = [*section_head(f"## {ns.section}", "benchmarks/do_benchmark.py",
+                          sys.argv[1:] if argv is None else argv),
+             *([ns.intro, ""] if ns.intro else []), *machine_lines(ns.threads),
+             f"- Precision of every run: {precisions.pop()}; seeds: {seeds}; timing: {len(x)} test images, batch "
+             f"{ns.batch}, the seed-{seed0} models", "", *rows, "", *diffs, *goals, "", *stage_rows(
+                 {s: r["method"] for s, (_, r) in dos.items()})]
     lines += ["", "Mean instance-level weight lambda_t per class group of the true label (Table 9), over the whole test "
               "split, computed here from the deployed sub-models:", "",
-              "| Group | " + " | ".join(f"lambda_{t + 1}" for t in range(n_members)) + " |",
-              "|---|" + "---:|" * n_members,
-              *(f"| {g} | " + " | ".join(f"{v:.3f}" for v in vals) + " |" for g, vals in lam.items())]
+              "| Seed | Group | " + " | ".join(f"lambda_{t + 1}" for t in range(n_members)) + " |",
+              "|---:|---|" + "---:|" * n_members,
+              *(f"| {s} | {g} | " + " | ".join(f"{v:.3f}" for v in vals) + " |"
+                for s, lam in lams.items() for g, vals in lam.items())]
     if strength:
         lines += ["", f"Instance-level test-time learning at other step sizes (`method.tta_lr`; the run used "
-                  f"{ensemble.settings['lr']:g} with {ensemble.settings['steps']} steps), on the validation split "
-                  f"({len(val[1])} images):", "",
+                  f"{ensemble0.settings['lr']:g} with {ensemble0.settings['steps']} steps), seed {seed0}, on the "
+                  f"validation split ({len(val[1])} images):", "",
                   "| tta_lr | Many | Medium | Few | All | Mean largest weight per image |",
                   "|---:|---:|---:|---:|---:|---:|", *strength]
     section = "\n".join(lines) + "\n"

@@ -1,0 +1,96 @@
+"""benchmarks/do_benchmark.py over seeds: rows, paired differences and goals from the runs' own result files."""
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import importlib
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from test_decoupled import do_config
+from test_engine import trainer_for
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train(out: Path, raw: dict, seed: int) -> dict:
+    raw = copy.deepcopy(raw)
+    raw["run"]["seed"] = seed
+    trainer_for(raw, out).fit()
+    return json.loads((out / "result.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("do_bench")
+    do = do_config(epochs=4, stage_epochs=[2, 1, 1])
+    plain = copy.deepcopy(do)
+    plain["method"] = {"name": "none"}
+    plain["train"]["epochs"] = 2
+    augmented = copy.deepcopy(plain)
+    augmented["data"]["policy"] = "randaugment"
+    results = {}
+    for seed in (0, 1):
+        for name, raw in (("base", plain), ("ra", augmented), ("do", do)):
+            results[name, seed] = train(root / f"{name}_s{seed}", raw, seed)
+    return root, results
+
+
+@pytest.fixture
+def bench(runs, monkeypatch, capsys):
+    """The script's main() in this process, in the runs' folder: args -> (exit code, stdout, stderr)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.chdir(runs[0])
+    script = importlib.import_module("do_benchmark")
+
+    def run(*args: str) -> SimpleNamespace:
+        try:
+            script.main(["--images", "20", "--threads", "1", *args])
+            rc = 0
+        except SystemExit as exc:
+            rc = exc.code if isinstance(exc.code, int) else 2
+            print(exc.code, file=sys.stderr)
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=rc, stdout=out.out, stderr=out.err)
+    return run
+
+
+def test_rows_over_seeds_paired_differences_and_goals(runs, bench):
+    root, results = runs
+    out = bench("--baseline", "base_s0", "base_s1", "--randaugment", "ra_s1", "ra_s0", "--do", "do_s1", "do_s0")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    lines = {line.split(" | ")[0] + " | " + line.split(" | ")[1]: line for line in text.splitlines()
+             if line.startswith("| ")}
+
+    def mean_sd(key, group):
+        values = [r["accuracy"][group] for (name, _), r in results.items() if name == key]
+        return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+    base = next(line for key, line in lines.items() if key == "| ce (2 ep) | one network")
+    assert f"| 0, 1 | {mean_sd('base', 'many')} | {mean_sd('base', 'medium')} |" in base
+    ra = next(line for key, line in lines.items() if key == "| ce + RandAugment (2 ep) | one network")
+    assert mean_sd("ra", "all") in ra
+    # the DO row of the run's own aggregation is its result.json accuracy, mean ± sd over the two seeds
+    agg = results["do", 0]["method"]["aggregation"]
+    do_row = next(line for line in text.splitlines() if line.startswith("| DO (") and agg in line.split(" | ")[1]
+                  or (agg == "instance" and "instance-level" in line and line.startswith("| DO (")))
+    assert f"**{mean_sd('do', 'all')}**" in do_row
+    # paired differences: DO (its aggregation) − the RandAugment baseline, each seed's own on All
+    diff = next(line for line in text.splitlines() if line.startswith(f"| DO, {agg} | ce + RandAugment"))
+    own = [results["do", s]["accuracy"]["all"] - results["ra", s]["accuracy"]["all"] for s in (0, 1)]
+    assert f"s0 {own[0]:+.2f}, s1 {own[1]:+.2f}".replace("-", "−") in diff
+    assert f"| {statistics.fmean(own):+.2f} |".replace("-", "−") in diff
+    assert "- seed 0: sub-model 1 alone" in text and "- seed 1: sub-model 1 alone" in text
+    stage_lines = [line for line in text.splitlines() if line.startswith("| 1 | 1 | ") or line.startswith("| 0 | 1 | ")]
+    assert len(stage_lines) >= 2  # the per-stage table has a row of stage 1 for each seed
+
+
+def test_refuses_two_runs_of_one_seed(bench):
+    out = bench("--baseline", "base_s0", "ra_s0", "--do", "do_s0")
+    assert out.returncode != 0 and "two baseline runs of seed 0" in out.stderr
+

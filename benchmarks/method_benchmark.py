@@ -157,6 +157,10 @@ def main() -> None:
     for p, run in runs.items():
         if not run["records"]:
             sys.exit(f"method_benchmark: {p} has no metrics.jsonl")
+    precisions = sorted({str((run["result"] or {}).get("precision") or "fp32") for run in runs.values()})
+    if len(precisions) > 1:
+        sys.exit(f"method_benchmark: the runs mix precisions ({', '.join(precisions)}); a table holds one, so "
+                 "compare each method with the base runs of its own precision")
 
     rows = ["| Loss | Model | Many | Medium | Few | All | Δ All | Δ Few | Params | MACs (M) | Median epoch s | x base |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -184,7 +188,8 @@ def main() -> None:
                 notes += within_run_lines(run)
     lines = [*section_head(f"## {ns.section}", "benchmarks/method_benchmark.py", sys.argv[1:]),
              *([ns.intro, ""] if ns.intro else []), *machine_lines(ns.threads),
-             "- Runs: " + ", ".join(f"`{p}`" for p in runs), "", *rows, ""]
+             f"- Precision of every run: {precisions[0]}", "- Runs: " + ", ".join(f"`{p}`" for p in runs), "",
+             *rows, ""]
     lines += seed_lines(pairs, runs)
     if notes:
         lines += ["Overhead measured within each method run, and what the method did:", "", *notes, ""]

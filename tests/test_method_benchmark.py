@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -72,6 +73,14 @@ def test_table_rows_deltas_and_within_run_overhead(tmp_path):
                              env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert refused.returncode == 2 and "not a MORE run" in refused.stderr and refused.stdout == ""
     assert "`" + str(tmp_path / "unfinished") + "` (epoch 7 finished)" in out.stdout
+    assert "- Precision of every run: fp32" in out.stdout
+    # a bf16 method run against an fp32 base is refused: a table holds one precision
+    shutil.copytree(tmp_path / "more", tmp_path / "more_bf16")
+    (tmp_path / "more_bf16" / "result.json").write_text(json.dumps({**more, "precision": "bf16"}))
+    mixed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "method_benchmark.py"), "--section", "T",
+                            f"{tmp_path / 'base'}:{tmp_path / 'more_bf16'}"], capture_output=True, text=True,
+                           timeout=120)
+    assert mixed.returncode != 0 and "mix precisions (bf16, fp32)" in mixed.stderr
 
 
 def test_rejects_a_spec_without_a_pair(tmp_path):

@@ -88,6 +88,19 @@ def add_intro_option(ap) -> None:
     ap.add_argument("--intro", default="", type=read, help="text under the heading, or @FILE to read it from a file")
 
 
+def one_precision(results) -> str:
+    """The one ``train.precision`` of these runs' ``result.json`` dicts ('-' for none); runs of mixed precision
+    are refused (exit code 2), since a table holds one precision."""
+    from tailwise.eval.report import run_precision
+
+    precisions = sorted({run_precision(r) for r in results})
+    if len(precisions) > 1:
+        print(f"error: the runs mix precisions ({', '.join(precisions)}); a table holds one precision, so report "
+              "them in separate sections", file=sys.stderr)
+        raise SystemExit(2)
+    return precisions[0] if precisions else "-"
+
+
 def fmt(value: float | None) -> str:
     """An accuracy cell: two decimals, ``-`` when missing."""
     return "-" if value is None else f"{value:.2f}"

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from common import add_intro_option, fmt, log, machine_lines, publish, section_head
+from common import add_intro_option, fmt, log, machine_lines, one_precision, publish, section_head
 
 from tailwise.eval.report import stat_text, summarize as over_seeds
 
@@ -183,9 +183,7 @@ def main(argv=None) -> None:
     if ns.randaugment:
         baselines["randaugment"] = by_seed(ns.randaugment, "RandAugment baseline")
     dos = by_seed(ns.do, "DO")
-    precisions = {str(r.get("precision") or "fp32") for runs in (*baselines.values(), dos) for _, r in runs.values()}
-    if len(precisions) > 1:
-        raise SystemExit(f"error: the runs mix precisions ({', '.join(sorted(precisions))}); a table holds one")
+    precision = one_precision(r for runs in (*baselines.values(), dos) for _, r in runs.values())
     seed0, (do_dir, do0) = next(iter(dos.items()))
     base_dir = next(iter(baselines["baseline"].values()))[0]
     (x_all, y_all), val, groups = eval_splits(do_dir)
@@ -253,7 +251,7 @@ def main(argv=None) -> None:
     lines = [*section_head(f"## {ns.section}", "benchmarks/do_benchmark.py",
                           sys.argv[1:] if argv is None else argv),
              *([ns.intro, ""] if ns.intro else []), *machine_lines(ns.threads),
-             f"- Precision of every run: {precisions.pop()}; seeds: {seeds}; timing: {len(x)} test images, batch "
+             f"- Precision of every run: {precision}; seeds: {seeds}; timing: {len(x)} test images, batch "
              f"{ns.batch}, the seed-{seed0} models", "", *rows, "", *diffs, *goals, "", *stage_rows(
                  {s: r["method"] for s, (_, r) in dos.items()})]
     lines += ["", "Mean instance-level weight lambda_t per class group of the true label (Table 9), over the whole test "

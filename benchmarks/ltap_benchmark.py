@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from common import add_intro_option, machine_lines, per_seed_text, publish, section_head
+from common import add_intro_option, machine_lines, one_precision, per_seed_text, publish, section_head
 
 from tailwise.compress.cost import latency_report
 from tailwise.eval.report import (PairedDiff, Row, assign_baselines, group_rows, load_run, markdown_diffs,
@@ -118,11 +118,7 @@ def main(argv=None) -> int:
             continue
         run.label = method_label(run)
         runs.append(run)
-    precisions = sorted({r.precision for r in runs})
-    if len(precisions) > 1:
-        print(f"error: the runs mix precisions ({', '.join(precisions)}); a table holds one precision, so report "
-              "them in separate sections", file=sys.stderr)
-        return 2
+    precision = one_precision(r.result for r in runs)
     rows = group_rows(runs)
     assign_baselines(rows, None)
     diffs = [PairedDiff(row, row.baseline) for row in rows if row.baseline not in (None, row)]
@@ -132,7 +128,7 @@ def main(argv=None) -> int:
     diffs = [d for d in diffs if d.seeds]
     lines = [*section_head(f"## {args.section}", "benchmarks/ltap_benchmark.py", sys.argv[1:] if argv is None
                            else argv), *machine_lines(torch.get_num_threads()),
-             f"- Precision of every run: {precisions[0] if precisions else '-'}; seeds: "
+             f"- Precision of every run: {precision}; seeds: "
              f"{', '.join(str(s) for s in sorted({r.seed for r in runs}))}", "", args.intro, "",
              markdown_table(rows), markdown_diffs(diffs),
              "Every seed's own difference (Row − Reference, percentage points):", "",

@@ -25,7 +25,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from common import add_intro_option, fmt, machine_lines, per_seed_text, publish, section_head
+from common import add_intro_option, fmt, machine_lines, one_precision, per_seed_text, publish, section_head
 
 from tailwise.eval import report
 
@@ -157,10 +157,7 @@ def main() -> None:
     for p, run in runs.items():
         if not run["records"]:
             sys.exit(f"method_benchmark: {p} has no metrics.jsonl")
-    precisions = sorted({str((run["result"] or {}).get("precision") or "fp32") for run in runs.values()})
-    if len(precisions) > 1:
-        sys.exit(f"method_benchmark: the runs mix precisions ({', '.join(precisions)}); a table holds one, so "
-                 "compare each method with the base runs of its own precision")
+    precision = one_precision(run["result"] for run in runs.values() if run["result"] is not None)  # finished
 
     rows = ["| Loss | Model | Many | Medium | Few | All | Δ All | Δ Few | Params | MACs (M) | Median epoch s | x base |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -188,7 +185,7 @@ def main() -> None:
                 notes += within_run_lines(run)
     lines = [*section_head(f"## {ns.section}", "benchmarks/method_benchmark.py", sys.argv[1:]),
              *([ns.intro, ""] if ns.intro else []), *machine_lines(ns.threads),
-             f"- Precision of every run: {precisions[0]}", "- Runs: " + ", ".join(f"`{p}`" for p in runs), "",
+             f"- Precision of every run: {precision}", "- Runs: " + ", ".join(f"`{p}`" for p in runs), "",
              *rows, ""]
     lines += seed_lines(pairs, runs)
     if notes:

@@ -22,7 +22,7 @@ from common import add_intro_option, machine_lines, per_seed_text, publish, sect
 from tailwise.eval.report import PairedDiff, group_rows, load_run, markdown_diffs, markdown_table, method_label
 from tailwise.errors import TailwiseError
 
-COLUMNS = (("many", "Head"), ("medium", "Medium"), ("few", "Tail"), ("all", "All"))
+COLUMNS = ("many", "medium", "few", "all")
 
 
 def load(paths: list[Path], precision: str) -> list:
@@ -41,7 +41,7 @@ def load(paths: list[Path], precision: str) -> list:
 
 def run_line(run) -> str:
     a = run.acc
-    return (f"| {run.precision} | {run.seed} | " + " | ".join(f"{a[k]:.2f}" for k, _ in COLUMNS)
+    return (f"| {run.precision} | {run.seed} | " + " | ".join(f"{a[k]:.2f}" for k in COLUMNS)
             + f" | `{run.path}` |")
 
 

@@ -63,6 +63,11 @@ REQUIRED = (("accuracy", "all"), ("accuracy", "many"), ("accuracy", "medium"), (
 NOT_COMPARED = {"run.seed", "run.out", "run.keep_checkpoints", "data.cache", "data.cache_dir", *RESUME_OVERRIDES}
 
 
+def run_precision(result: dict) -> str:
+    """A run's resolved ``train.precision`` from its ``result.json`` (runs made before it was recorded: fp32)."""
+    return str(result.get("precision") or "fp32")
+
+
 @dataclass
 class RunData:
     path: Path
@@ -95,8 +100,7 @@ class RunData:
 
     @property
     def precision(self) -> str:
-        """The run's resolved ``train.precision`` (result.json; runs made before it was recorded trained in fp32)."""
-        return str(self.result.get("precision") or "fp32")
+        return run_precision(self.result)
 
     @property
     def macs(self):
@@ -763,4 +767,4 @@ def build_report(run_dirs: list, out: Path, baseline: str | Path | None = None,
 
 __all__ = ["RunData", "Row", "PairedDiff", "Stat", "summarize", "load_run", "build_report", "markdown_table",
            "markdown_diffs", "write_csv", "read_csv", "method_label", "group_rows", "assign_baselines",
-           "paired_diffs", "table_rows", "caption"]
+           "paired_diffs", "table_rows", "caption", "run_precision"]

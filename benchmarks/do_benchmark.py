@@ -144,7 +144,9 @@ def by_seed(paths: list[str], role: str) -> dict:
     for path in map(Path, paths):
         result = json.loads((path / "result.json").read_text())
         if result.get("seed") in runs:
-            raise SystemExit(f"error: two {role} runs of seed {result.get('seed')}: {runs[result['seed']][0]}, {path}")
+            print(f"error: two {role} runs of seed {result.get('seed')}: {runs[result['seed']][0]}, {path}",
+                  file=sys.stderr)
+            raise SystemExit(2)
         runs[result.get("seed")] = (path, result)
     return dict(sorted(runs.items()))
 

@@ -92,5 +92,5 @@ def test_rows_over_seeds_paired_differences_and_goals(runs, bench):
 
 def test_refuses_two_runs_of_one_seed(bench):
     out = bench("--baseline", "base_s0", "ra_s0", "--do", "do_s0")
-    assert out.returncode != 0 and "two baseline runs of seed 0" in out.stderr
+    assert out.returncode == 2 and "two baseline runs of seed 0" in out.stderr
 

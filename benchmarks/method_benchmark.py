@@ -5,15 +5,22 @@
 
 One row per run (each base run once, then its method runs): many / medium / few / all test accuracy of the last
 epoch, the change against its base run, parameters and MACs of the deployed model, and the median epoch wall time
-(training + validation + the method's end-of-epoch work) with its ratio to the base run's. Base and method runs
-were trained at different times on a shared machine, so that ratio carries the machine's noise; each method also
-reports a within-run measurement that does not:
+(training + validation + the method's end-of-epoch work) with its ratio to the base run's over the same epochs (a
+run branched from the base's checkpoint, e.g. a MORE phase from epoch 160, is timed on its own epochs only). Base
+and method runs were trained at different times on a shared machine, so that ratio carries the machine's noise;
+each method also reports a within-run measurement that does not:
 
 - ``plasticity``: the median time of the scoring epochs (those that end in a growth/removal event: the extra
   reweighted backward and the surgery) over the median of the other epochs of the same run, and per event the
   channels duplicated / removed and the validation accuracy before the surgery and one epoch after it;
 - ``more``: the method's own step timing (steps with the general-only pass over steps with the base loss only, on
   the same reparametrised model), the low-rank parameter count and the merge check of the deployed model.
+
+With two or more seeds of a row, runs that differ only in their seed share a row (mean ± sample sd), each method
+row is compared with its base row seed by seed, and the issues' goals are checked on the mean paired difference
+and seed by seed (MORE #24: Few at least +1 point over the plain fine-tuning control with All not lower;
+plasticity #23: All and Few at least the dense run's, and no channel with a twin ``E_mod`` epochs after an event
+nor at the end). MORE runs get a table of the trained branch's size per class group.
 
 A run without ``result.json`` (still training) is listed under the table with its last finished epoch.
 """
@@ -48,12 +55,21 @@ def method_label(result: dict) -> str:
         when = f", events after epochs {events[0]}..{events[-1]}" if events else ""
         return f"+ plasticity (E_mod {m['every_epochs']}{when}, alpha {m['alpha']}, {m['scope']})"
     if m["name"] == "more":
-        return f"+ MORE (A' {m['amplitude']:g}, {m['schedule']}, rank ratio {m['ratio']:g})"
+        phase = m.get("phase") or {"general": "joint", "start_epoch": 0}
+        general = phase["general"] + (f" at {phase['general_lr_scale']:g}x LR" if phase["general"] == "slow" else "")
+        epochs = f", epochs {phase['start_epoch']}-{result['epochs'] - 1}" if phase["start_epoch"] else ""
+        return f"+ MORE (W_g {general}, A' {m['amplitude']:g}, {m['schedule']}, rank ratio {m['ratio']:g}{epochs})"
     return "dense" if m["name"] == "none" else f"+ {m['name']}"
 
 
-def median_epoch_s(records: list[dict]) -> float | None:
-    times = [r["time_s"] for r in records if "time_s" in r]
+def first_own_epoch(run: dict) -> int:
+    """The first epoch the run trained itself: a branched run's ``metrics.jsonl`` starts with its source's records."""
+    return ((run["result"] or {}).get("branched_from") or {}).get("epoch", 0)
+
+
+def median_epoch_s(records: list[dict], first: int = 0) -> float | None:
+    """Median wall time of the epochs from ``first`` on."""
+    times = [r["time_s"] for r in records if "time_s" in r and r["epoch"] >= first]
     return statistics.median(times) if times else None
 
 
@@ -96,11 +112,6 @@ def within_run_lines(run: dict) -> list[str]:
                          f"{1000 * o['step_s_without_more']:.1f} ms per step")
         lines.append(f"- {label}: {m['layers_reparametrised']} layers reparametrised, {m['lowrank_params']:,} low-rank "
                      f"parameters during training; merge check {json.dumps(check)}")
-        if m.get("branch"):
-            b = m["branch"]
-            lines.append(f"- {label}: trained branch ||BA||/||W_g|| median {b['weight_ratio_median']:.2e}, max "
-                         f"{b['weight_ratio_max']:.2e} (`{b['weight_ratio_max_layer']}`); share of the logits "
-                         f"{b['logit_share']:.2e} on {b['samples']} test images")
         return lines
     return []
 
@@ -136,6 +147,80 @@ def seed_lines(pairs: list[tuple[Path, Path]], runs: dict) -> list[str]:
             lines.append(f"- {row.label}: channels with a twin at the end "
                          + ", ".join(f"s{r.seed} {t['twins']} of {t['width']} (effective width {t['effective']})"
                                      for r, t in zip(row.runs, twins)))
+    return lines + ["", *goal_lines(diffs), *twin_goal_lines(rows)]
+
+
+# the issues' goals for a method row against its base row, on the mean of the paired per-seed differences
+GOALS = {"more": ("a Few gain of at least 1 point over the base (the plain fine-tuning control), with All not lower",
+                  lambda few, all_: few >= 1.0 and all_ >= 0.0),
+         "plasticity": ("All at least the base's, with Few at least the base's",
+                        lambda few, all_: few >= 0.0 and all_ >= 0.0)}
+
+
+def signed(value: float) -> str:
+    return f"{value:+.2f}".replace("-", "−")
+
+
+def goal_lines(diffs: list) -> list[str]:
+    """Per method row: its issue's goal (GOALS) on the mean paired difference, and seed by seed."""
+    lines = []
+    for d in diffs:
+        name = d.row.first.method.get("name")
+        if name not in GOALS:
+            continue
+        text, met = GOALS[name]
+        few, all_ = d.stat("tail").mean, d.stat("all").mean
+        a, b = d.row.values, d.ref.values
+        per_seed = [s for s in d.seeds if met(a("tail")[s] - b("tail")[s], a("all")[s] - b("all")[s])]
+        lines.append(f"- Goal, {d.row.label} against {d.ref.label}: {text}. Mean over {len(d.seeds)} seeds: Few "
+                     f"{signed(few)}, All {signed(all_)}: **{'met' if met(few, all_) else 'not met'}**; met by "
+                     f"{len(per_seed)} of {len(d.seeds)} seeds ({', '.join(f's{s}' for s in per_seed) or 'none'}).")
+    return lines + ([""] if lines else [])
+
+
+def twin_goal_lines(rows: list) -> list[str]:
+    """Plasticity rows: the channels with a twin before every event after the first (``twins_before``: E_mod
+    epochs after the previous event's copies were made) and at the end; the goal is none."""
+    lines = []
+    for row in rows:
+        runs = [r for r in row.runs if r.method.get("name") == "plasticity"]
+        if not runs:
+            continue
+        cells, met = [], True
+        for r in runs:
+            events = r.method.get("history") or []
+            before = [e["twins_before"]["twins"] for e in events[1:] if "twins_before" in e]
+            end = (r.method.get("twins") or {}).get("twins")
+            if len(before) < len(events) - 1 or end is None:
+                cells.append(f"s{r.seed} not recorded (a run from before the twins_before record)")
+                met = False
+                continue
+            met &= not any(before) and end == 0
+            cells.append(f"s{r.seed} " + ", ".join(f"{n} before the event after epoch {e['epoch'] + 1}"
+                                                   for n, e in zip(before, events[1:])) + f", {end} at the end")
+        lines.append(f"- Goal, {row.label}: no twins left {runs[0].method.get('every_epochs')} epochs after an event "
+                     f"(channels with a twin: {'; '.join(cells)}): **{'met' if met else 'not met'}**.")
+    return lines + ([""] if lines else [])
+
+
+def branch_lines(runs: dict) -> list[str]:
+    """MORE runs: the trained branch's size at the end (``method.branch`` of result.json), one line per run."""
+    more = [(path, run["result"]) for path, run in runs.items() if run["result"] is not None
+            and run["result"]["method"]["name"] == "more" and run["result"]["method"].get("branch")]
+    if not more:
+        return []
+    lines = ["Branch size at the end of training (`method.branch` of each run's result.json): ||BA||_F / ||W_g||_F "
+             "per layer, and the branch's share of the logits, mean ||f(x; W_g + BA) − f(x; W_g)|| / mean "
+             "||f(x; W_g + BA)|| on test images stratified by class, over all of them and per group of the true "
+             "class:", "", "| Run | Seed | median ‖BA‖/‖W_g‖ | max ‖BA‖/‖W_g‖ (layer) | Share: all | Many | Medium "
+             "| Few | Images |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for path, result in more:
+        b = result["method"]["branch"]
+        by_group = b.get("logit_share_by_group") or {}
+        lines.append(f"| `{path.name}` | {result.get('seed')} | {b['weight_ratio_median']:.2e} | "
+                     f"{b['weight_ratio_max']:.2e} (`{b['weight_ratio_max_layer']}`) | {b['logit_share']:.2e} | "
+                     + " | ".join(f"{by_group[g]:.2e}" if g in by_group else "-" for g in ("many", "medium", "few"))
+                     + f" | {b['samples']} |")
     return lines + [""]
 
 
@@ -174,7 +259,8 @@ def main() -> None:
                 unfinished.append(f"`{path}` (epoch {run['records'][-1]['epoch'] + 1} finished)")
                 continue
             acc, cost = result["accuracy"], result["cost"]
-            t, t_base = median_epoch_s(run["records"]), median_epoch_s(base["records"])
+            first = first_own_epoch(run)  # the base over the same epochs: a branched run's own are its last ones
+            t, t_base = median_epoch_s(run["records"], first), median_epoch_s(base["records"], first)
             delta = ("", "") if is_base or base["result"] is None else (
                 f"{acc['all'] - base['result']['accuracy']['all']:+.2f}",
                 f"{acc['few'] - base['result']['accuracy']['few']:+.2f}")
@@ -187,7 +273,7 @@ def main() -> None:
              *([ns.intro, ""] if ns.intro else []), *machine_lines(ns.threads),
              f"- Precision of every run: {precision}", "- Runs: " + ", ".join(f"`{p}`" for p in runs), "",
              *rows, ""]
-    lines += seed_lines(pairs, runs)
+    lines += seed_lines(pairs, runs) + branch_lines(runs)
     if notes:
         lines += ["Overhead measured within each method run, and what the method did:", "", *notes, ""]
     if unfinished:

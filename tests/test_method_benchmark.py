@@ -59,7 +59,12 @@ def test_table_rows_deltas_and_within_run_overhead(tmp_path):
     assert f"x{ratio:.2f} (" in out.stdout and "merge check" in out.stdout
     branch = more["method"]["branch"]
     assert branch["samples"] == 40  # the whole synthetic test set: 4 classes x 10, under the 512 stratified cap
-    assert f"share of the logits {branch['logit_share']:.2e} on 40 test images" in out.stdout
+    by_group = branch["logit_share_by_group"]
+    assert (f"| `more` | {more['seed']} | {branch['weight_ratio_median']:.2e} | {branch['weight_ratio_max']:.2e} "
+            f"(`{branch['weight_ratio_max_layer']}`) | {branch['logit_share']:.2e} | "
+            + " | ".join(f"{by_group[g]:.2e}" if g in by_group else "-" for g in ("many", "medium", "few"))
+            + " | 40 |") in out.stdout
+    assert "+ MORE (W_g joint, A' 2, sine, rank ratio 0.1)" in rows  # the phase is the whole run: no epochs named
     # more_branch.py rebuilds the run from its config and last checkpoint: the same branch as the run recorded
     rebuilt = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "more_branch.py"), str(tmp_path / "more")],
                              capture_output=True, text=True, timeout=120,
@@ -118,4 +123,34 @@ def test_seeds_share_a_row_with_paired_differences_and_twin_counts(tmp_path):
     for s in (3, 4):
         twins = results["plastic", s]["method"]["twins"]
         assert f"s{s} {twins['twins']} of {twins['width']} (effective width {twins['effective']})" in text
+    # the growth issue's goals, recomputed here from the result files
+    few = {s: results["plastic", s]["accuracy"]["few"] - results["base", s]["accuracy"]["few"] for s in (3, 4)}
+    met = [s for s in (3, 4) if few[s] >= 0 and diffs[s] >= 0]
+    mean_met = statistics.fmean(few.values()) >= 0 and statistics.fmean(diffs.values()) >= 0
+    goal = next(line for line in text.splitlines() if line.startswith("- Goal, balanced_softmax + plasticity")
+                and "against" in line)
+    assert f"Few {statistics.fmean(few.values()):+.2f}".replace("-", "−") in goal
+    assert f"**{'met' if mean_met else 'not met'}**; met by {len(met)} of 2 seeds" in goal
+    twin_goal = next(line for line in text.splitlines() if "no twins left 1 epochs after an event" in line)
+    for s in (3, 4):  # events after epochs 1 and 2: one count before the second event, one at the end
+        history = results["plastic", s]["method"]["history"]
+        before, end = history[1]["twins_before"]["twins"], results["plastic", s]["method"]["twins"]["twins"]
+        assert f"s{s} {before} before the event after epoch 2, {end} at the end" in twin_goal
+    zero = all(results["plastic", s]["method"]["history"][1]["twins_before"]["twins"] == 0
+               and results["plastic", s]["method"]["twins"]["twins"] == 0 for s in (3, 4))
+    assert twin_goal.endswith(f"**{'met' if zero else 'not met'}**.")
     assert mb.seed_lines(pairs[:1], {p: runs[p] for p in pairs[0]}) == []  # one seed: no seed table
+
+
+def test_a_branched_run_is_timed_on_its_own_epochs():
+    """A branched run's metrics.jsonl starts with its source's records: only the epochs it trained count."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import method_benchmark as mb
+
+    records = [{"epoch": e, "time_s": t} for e, t in enumerate([10.0, 10.0, 10.0, 30.0, 50.0])]
+    branched = {"result": {"branched_from": {"epoch": 3}}, "records": records}
+    assert mb.first_own_epoch(branched) == 3
+    assert mb.median_epoch_s(records, mb.first_own_epoch(branched)) == 40.0  # epochs 3 and 4, not 10.0
+    assert mb.first_own_epoch({"result": {}, "records": records}) == 0
+    assert mb.first_own_epoch({"result": None, "records": records}) == 0  # still training
+    assert mb.median_epoch_s(records) == 10.0

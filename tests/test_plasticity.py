@@ -314,6 +314,9 @@ def test_twin_report_after_an_exact_copy_event(tmp_path):
         k = int(0.3 * g.size)
         assert event["twins"]["layers"][g.name] == {"width": g.size, "twins": 2 * k, "effective": g.size - k}
     assert event["twins"]["twins"] == 2 * event["duplicated"]
+    assert event["twins_before"] == report  # measured before the surgery: the fresh network's none
+    again = growth.event(trainer.ctx.optimizer, ascending(growth))  # no training in between: nothing diverged
+    assert again["twins_before"] == event["twins"]
 
 class TwoPath(nn.Module):
     """Channel 0 of conv1 sees only input plane 0 (class-0 images), channel 1 only plane 1 (class 1)."""
@@ -411,6 +414,8 @@ def test_end_to_end_keeps_widths_and_logs_events_and_twins(tmp_path):
         assert set(layer["score"]) == {"min", "q25", "median", "q75", "max", "mean"}
     assert set(event["twins"]["layers"]) == set(event["layers"])
     assert event["twins"]["twins"] >= 2 * event["duplicated"]  # right after the event each copy has a twin
+    assert event["twins_before"]["twins"] == 0  # a freshly initialised network has none before its first event
+    assert set(records[1]["plasticity"]["twins_before"]["layers"]) == set(event["layers"])
     assert all(r["train_acc"] is not None for r in records)
     saved = json.loads((trainer.out / "result.json").read_text())
     assert saved["method"]["name"] == "plasticity" and saved["method"]["event_epochs"] == [1, 2]

@@ -52,7 +52,8 @@ class Plasticity:
        shrunk). Each event records ``pair_score_ratio``, the median raw score of those members over the layer's
        median, which measures the bias.
     3. **Surgery**: :func:`.surgery.duplicate` (copy, fresh BN γ/β, split and weight scaling, momentum).
-    4. **Twins** (:meth:`twins`): :func:`.twins.twin_report` after every event and on request.
+    4. **Twins** (:meth:`twins`): :func:`.twins.twin_report` before every event's surgery (``twins_before``:
+       ``E_mod`` epochs after the previous event, whether its copies diverged), after it, and on request.
 
     Scope: ``internal`` (default; a BasicBlock's conv1 outputs / conv2 inputs, no residual coupling; in a plain
     conv stack every conv's outputs), ``residual`` (channels tied by residual additions, duplicated / removed in
@@ -197,6 +198,7 @@ class Plasticity:
         (SGD momentum) is edited like the parameters it belongs to (the same parameter objects stay, no rebuild
         is needed); None when there is none. ``scores``: per group, instead of :meth:`scores`."""
         raw = [s.detach().double().cpu() for s in (scores if scores is not None else self.scores())]
+        before = self.twins()  # E_mod epochs after the previous event: have its copies diverged?
         state = optimizer.state if optimizer is not None else {}
         layers, pairs = {}, []
         for gi, (g, s) in enumerate(zip(self.groups, raw)):
@@ -213,7 +215,7 @@ class Plasticity:
         record = {"steps": self.window_steps if self.options.ranking == "gradient" else 0,
                   "duplicated": sum(v["duplicated"] for v in layers.values()),
                   "removed": sum(v["removed"] for v in layers.values()), "layers": layers,
-                  "twins": self.twins()}
+                  "twins_before": before, "twins": self.twins()}
         self.window, self.window_steps = None, 0
         return record
 

@@ -25,7 +25,9 @@ whole method; this module decides *when*. In short (details and equations in the
    ``last_event_epoch: null`` (default) stops the events while the LR is at its base value
    (:func:`.options.base_lr_end`: the epoch before the first step milestone; the cosine's midpoint), and the
    event epochs are logged at the start.
-6. **Twin diagnostic.** After each event (in its record) and at the end (``twins`` in the last epoch's
+6. **Twin diagnostic.** Before and after each event's surgery (``twins_before`` / ``twins`` in its record: the
+   count before an event tells whether the previous event's copies diverged in the ``E_mod`` epochs since) and at
+   the end (``twins`` in the last epoch's
    metrics.jsonl record and in result.json): per layer the channels whose incoming-weight cosine with another
    exceeds ``twin_cosine`` (0.99), and the effective width (distinct channels).
 

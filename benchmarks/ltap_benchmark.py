@@ -82,6 +82,23 @@ def detail_line(row: Row) -> str:
             f"| {time_txt} |")
 
 
+def goal_line(rows: list[Row]) -> str:
+    """Issue #21's goal: ``vote: trial`` beats ``vote: uniform`` on Tail by at least 2 points on the mean of three
+    seeds or more, every seed's own difference positive, at C of at least 99% (the trial row's mean)."""
+    trial = next((row for row in rows if is_pruned_ltap(row, "trial")), None)
+    uniform = next((row for row in rows if is_pruned_ltap(row, "uniform")), None)
+    if trial is None or uniform is None or not PairedDiff(trial, uniform).seeds:
+        return ""
+    d = PairedDiff(trial, uniform)
+    a, b = trial.values("tail"), uniform.values("tail")
+    per_seed = [a[s] - b[s] for s in d.seeds if a[s] is not None and b[s] is not None]
+    tail, c = statistics.fmean(per_seed), trial.stat("C").mean
+    met = len(per_seed) >= 3 and tail >= 2.0 and min(per_seed) > 0 and c is not None and c >= 99.0
+    return (f"**Goal (issue #21): trial − uniform on Tail ≥ +2 points on the mean of at least three seeds, every seed "
+            f"positive, at C ≥ 99%: {'met' if met else 'not met'}** -- Tail {tail:+.2f} over {len(per_seed)} "
+            f"seeds ({per_seed_text(d, 'tail')}), C of the trial row {fmt(c, 2)}%.").replace("Tail -", "Tail −")
+
+
 def latency_lines(run_dir: Path) -> list[str]:
     lines = [f"Latency of `{run_dir}`'s deployed model against the dense ResNet-32 (`tailwise bench-latency`: one "
              f"process, the two timed alternately, median of 30), {platform.machine()}, {torch.get_num_threads()} "
@@ -134,7 +151,7 @@ def main(argv=None) -> int:
              "Every seed's own difference (Row − Reference, percentage points):", "",
              "| Row | Reference | Tail, per seed | All, per seed |", "|---|---|---|---|",
              *(f"| {d.row.label} | {d.ref.label} | {per_seed_text(d, 'tail')} | {per_seed_text(d, 'all')} |"
-               for d in diffs), "",
+               for d in diffs), "", goal_line(rows), "",
              "Per row (means over its seeds): parameters kept, the criterion weights α of the last stage's mix, the "
              "trials' seconds per stage, and the median seconds per epoch of the masked pruning phase / the shrunk "
              "fine-tuning:", "",

@@ -445,3 +445,30 @@ def test_precision_column_and_baselines_of_the_same_precision(tmp_path):
     alone = build_report([dense32, ltap16], tmp_path / "alone")  # no bf16 dense run: no C for the bf16 run
     ltap = next(row for row in alone["rows"] if row.first.path == ltap16)
     assert ltap.baseline is None and ltap.stat("C").n == 0
+
+
+def test_labels_tell_method_configurations_apart(tmp_path):
+    """Two MORE phases that differ in who trains W_g, a control with A' = 0, and growth with another last event
+    are separate rows with the option in their label, not one row refused for mixing configurations."""
+    r = tmp_path / "runs"
+    runs = [make_run(r / "bs_s0", acc=(80.0, 70.0, 60.0, 70.0))]
+    more = {"frozen": ("frozen", 2.0), "slow": ("slow", 2.0), "frozen_a0": ("frozen", 0.0)}
+    for name, (general, amplitude) in more.items():
+        path = make_run(r / f"more_{name}_s0", config={"method": {"name": "more"}})
+        result = json.loads((path / "result.json").read_text())
+        result["method"] = {"name": "more", "amplitude": amplitude,
+                            "phase": {"general": general, "start_epoch": 4,
+                                      "general_lr_scale": 0.1 if general == "slow" else 1.0}}
+        (path / "result.json").write_text(json.dumps(result))
+        runs.append(path)
+    for last in (3, 5):
+        path = make_run(r / f"growth_{last}_s0", config={"method": {"name": "plasticity"}})
+        result = json.loads((path / "result.json").read_text())
+        result["method"] = {"name": "plasticity", "event_epochs": list(range(1, last + 1))}
+        (path / "result.json").write_text(json.dumps(result))
+        runs.append(path)
+    labels = [row.label for row in build_report(runs, tmp_path / "out")["rows"]]
+    assert labels == ["BS", "BS + MORE (W_g frozen, A' 2, from epoch 4, 6 ep)",
+                      "BS + MORE (W_g slow at 0.1x LR, A' 2, from epoch 4, 6 ep)",
+                      "BS + MORE (W_g frozen, A' 0, from epoch 4, 6 ep)",
+                      "BS + Growth (events after epochs 1-3, 6 ep)", "BS + Growth (events after epochs 1-5, 6 ep)"]

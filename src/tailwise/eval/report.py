@@ -238,7 +238,8 @@ def load_run(run_dir: Path) -> RunData:
 
 
 def method_label(run: RunData) -> str:
-    """'BS' for a dense run, 'BS + LTAP (w.o. vote, 30% params)' for a pruned one."""
+    """'BS' for a dense run, 'BS + LTAP (w.o. vote, 30% params)' for a pruned one; the options that tell one
+    method's configurations apart (LTAP's vote, MORE's ``general`` / amplitude / phase, growth's event epochs)."""
     loss = LOSS_LABELS.get(run.loss, run.loss)
     m = run.method
     name = m.get("name") or "none"
@@ -260,6 +261,17 @@ def method_label(run: RunData) -> str:
         opts.append(f"{m['stages']} stages")
     if (m.get("round_to") or 1) > 1:
         opts.append(f"channels in multiples of {m['round_to']}")
+    if name == "more":  # who trains W_g, the discrepancy's amplitude and the phase tell MORE's rows apart
+        phase = m.get("phase") or {}
+        if phase.get("general", "joint") != "joint":
+            opts.append(f"W_g {phase['general']}" + (f" at {phase['general_lr_scale']:g}x LR"
+                                                       if phase["general"] == "slow" else ""))
+        if m.get("amplitude") is not None:
+            opts.append(f"A' {m['amplitude']:g}")
+        if phase.get("start_epoch"):
+            opts.append(f"from epoch {phase['start_epoch']}")
+    if name == "plasticity" and m.get("event_epochs"):
+        opts.append(f"events after epochs {m['event_epochs'][0]}-{m['event_epochs'][-1]}")
     epochs = run.result.get("epochs")
     if epochs:
         opts.append(f"{epochs} ep")

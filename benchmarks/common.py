@@ -106,9 +106,14 @@ def fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def signed(value: float) -> str:
+    """A difference in points: '+0.41', '−0.12' (a typographic minus, as the report's tables)."""
+    return f"{value:+.2f}".replace("-", "−")
+
+
 def per_seed_text(diff, column: str) -> str:
     """Every seed's own difference of a :class:`tailwise.eval.report.PairedDiff` in ``column`` (a report metric):
     's0 +0.41, s1 −0.12, s2 +1.30'."""
     a, b = diff.row.values(column), diff.ref.values(column)
-    return ", ".join(f"s{s} {a[s] - b[s]:+.2f}".replace("-", "−") for s in diff.seeds
+    return ", ".join(f"s{s} {signed(a[s] - b[s])}" for s in diff.seeds
                      if a[s] is not None and b[s] is not None)

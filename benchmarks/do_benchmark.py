@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from common import add_intro_option, fmt, log, machine_lines, one_precision, publish, section_head
+from common import add_intro_option, fmt, log, machine_lines, one_precision, publish, section_head, signed
 
 from tailwise.eval.report import stat_text, summarize as over_seeds
 
@@ -162,8 +162,8 @@ def seed_diffs(name: str, rows: dict, ref_name: str, ref: dict) -> str:
     cells = []
     for k in ("few", "all"):
         d = {s: rows[s][k] - ref[s][k] for s in seeds}
-        cells += [f"{over_seeds(d.values()).mean:+.2f}", ", ".join(f"s{s} {v:+.2f}" for s, v in d.items())]
-    return f"| {name} | {ref_name} | {len(seeds)} | " + " | ".join(cells).replace("-", "−") + " |"
+        cells += [signed(over_seeds(d.values()).mean), ", ".join(f"s{s} {signed(v)}" for s, v in d.items())]
+    return f"| {name} | {ref_name} | {len(seeds)} | " + " | ".join(cells) + " |"
 
 
 def main(argv=None) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from common import add_intro_option, machine_lines, one_precision, per_seed_text, publish, section_head
+from common import add_intro_option, machine_lines, one_precision, per_seed_text, publish, section_head, signed
 
 from tailwise.compress.cost import latency_report
 from tailwise.eval.report import (PairedDiff, Row, assign_baselines, group_rows, load_run, markdown_diffs,
@@ -87,16 +87,16 @@ def goal_line(rows: list[Row]) -> str:
     seeds or more, every seed's own difference positive, at C of at least 99% (the trial row's mean)."""
     trial = next((row for row in rows if is_pruned_ltap(row, "trial")), None)
     uniform = next((row for row in rows if is_pruned_ltap(row, "uniform")), None)
-    if trial is None or uniform is None or not PairedDiff(trial, uniform).seeds:
+    d = PairedDiff(trial, uniform) if trial is not None and uniform is not None else None
+    if d is None or not d.seeds:
         return ""
-    d = PairedDiff(trial, uniform)
     a, b = trial.values("tail"), uniform.values("tail")
     per_seed = [a[s] - b[s] for s in d.seeds if a[s] is not None and b[s] is not None]
     tail, c = statistics.fmean(per_seed), trial.stat("C").mean
     met = len(per_seed) >= 3 and tail >= 2.0 and min(per_seed) > 0 and c is not None and c >= 99.0
     return (f"**Goal (issue #21): trial − uniform on Tail ≥ +2 points on the mean of at least three seeds, every seed "
-            f"positive, at C ≥ 99%: {'met' if met else 'not met'}** -- Tail {tail:+.2f} over {len(per_seed)} "
-            f"seeds ({per_seed_text(d, 'tail')}), C of the trial row {fmt(c, 2)}%.").replace("Tail -", "Tail −")
+            f"positive, at C ≥ 99%: {'met' if met else 'not met'}** -- Tail {signed(tail)} over {len(per_seed)} "
+            f"seeds ({per_seed_text(d, 'tail')}), C of the trial row {fmt(c, 2)}%.")
 
 
 def latency_lines(run_dir: Path) -> list[str]:

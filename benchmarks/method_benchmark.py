@@ -32,7 +32,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from common import add_intro_option, fmt, machine_lines, one_precision, per_seed_text, publish, section_head
+from common import (add_intro_option, fmt, machine_lines, one_precision, per_seed_text, publish, section_head,
+                    signed)
 
 from tailwise.eval import report
 
@@ -55,10 +56,9 @@ def method_label(result: dict) -> str:
         when = f", events after epochs {events[0]}..{events[-1]}" if events else ""
         return f"+ plasticity (E_mod {m['every_epochs']}{when}, alpha {m['alpha']}, {m['scope']})"
     if m["name"] == "more":
-        phase = m.get("phase") or {"general": "joint", "start_epoch": 0}
-        general = phase["general"] + (f" at {phase['general_lr_scale']:g}x LR" if phase["general"] == "slow" else "")
-        epochs = f", epochs {phase['start_epoch']}-{result['epochs'] - 1}" if phase["start_epoch"] else ""
-        return f"+ MORE (W_g {general}, A' {m['amplitude']:g}, {m['schedule']}, rank ratio {m['ratio']:g}{epochs})"
+        start = (m.get("phase") or {}).get("start_epoch")
+        epochs = f", epochs {start}-{result['epochs'] - 1}" if start else ""
+        return f"+ MORE (W_g {report.more_general(m)}, A' {m['amplitude']:g}, {m['schedule']}, rank ratio {m['ratio']:g}{epochs})"
     return "dense" if m["name"] == "none" else f"+ {m['name']}"
 
 
@@ -155,10 +155,6 @@ GOALS = {"more": ("a Few gain of at least 1 point over the base (the plain fine-
                   lambda few, all_: few >= 1.0 and all_ >= 0.0),
          "plasticity": ("All at least the base's, with Few at least the base's",
                         lambda few, all_: few >= 0.0 and all_ >= 0.0)}
-
-
-def signed(value: float) -> str:
-    return f"{value:+.2f}".replace("-", "−")
 
 
 def goal_lines(diffs: list) -> list[str]:

@@ -237,6 +237,14 @@ def load_run(run_dir: Path) -> RunData:
     return RunData(run_dir, result, metrics, arch)
 
 
+def more_general(method: dict) -> str:
+    """Who trains MORE's W_g, from its ``method`` record: 'joint', 'frozen' or 'slow at 0.1x LR' (runs from before
+    the ``phase`` record: joint)."""
+    phase = method.get("phase") or {}
+    general = phase.get("general", "joint")
+    return general + (f" at {phase['general_lr_scale']:g}x LR" if general == "slow" else "")
+
+
 def method_label(run: RunData) -> str:
     """'BS' for a dense run, 'BS + LTAP (w.o. vote, 30% params)' for a pruned one; the options that tell one
     method's configurations apart (LTAP's vote, MORE's ``general`` / amplitude / phase, growth's event epochs)."""
@@ -263,9 +271,8 @@ def method_label(run: RunData) -> str:
         opts.append(f"channels in multiples of {m['round_to']}")
     if name == "more":  # who trains W_g, the discrepancy's amplitude and the phase tell MORE's rows apart
         phase = m.get("phase") or {}
-        if phase.get("general", "joint") != "joint":
-            opts.append(f"W_g {phase['general']}" + (f" at {phase['general_lr_scale']:g}x LR"
-                                                       if phase["general"] == "slow" else ""))
+        if more_general(m) != "joint":
+            opts.append(f"W_g {more_general(m)}")
         if m.get("amplitude") is not None:
             opts.append(f"A' {m['amplitude']:g}")
         if phase.get("start_epoch"):
@@ -779,4 +786,4 @@ def build_report(run_dirs: list, out: Path, baseline: str | Path | None = None,
 
 __all__ = ["RunData", "Row", "PairedDiff", "Stat", "summarize", "load_run", "build_report", "markdown_table",
            "markdown_diffs", "write_csv", "read_csv", "method_label", "group_rows", "assign_baselines",
-           "paired_diffs", "table_rows", "caption", "run_precision"]
+           "paired_diffs", "table_rows", "caption", "run_precision", "more_general"]

@@ -275,7 +275,8 @@ def test_options_validation_and_recipes():
     raw = tiny_config()
     for bad in ({"ratio": 0.0}, {"ratio": 1.5}, {"amplitude": -1.0}, {"schedule": "linear"}, {"discrepancy": "l1"},
                 {"layers": "bn"}, {"rank": 4}, {"general": "fixed"}, {"general_lr_scale": 0.0},
-                {"general_lr_scale": 2.0}, {"start_epoch": -1}, {"start_epoch": 3}, {"branch_weight_decay": -1e-4},
+                {"general_lr_scale": 2.0}, {"branch_lr_scale": 0.0}, {"start_epoch": -1}, {"start_epoch": 3},
+                {"branch_weight_decay": -1e-4},
                 {"general": "frozen"}):  # frozen needs a trained W_g: start_epoch > 0
         raw["method"] = {"name": "more", **bad}
         with pytest.raises(ConfigError):
@@ -446,19 +447,21 @@ def test_phase_from_scratch_equals_the_branch_and_resumes_exactly(tmp_path, froz
     assert result["accuracy"] == branched_result["accuracy"]
 
 
-@pytest.mark.parametrize("general", ["slow", "joint"])
-def test_slow_general_trains_at_the_scaled_rate(tmp_path, general):
-    raw = phase_config(epochs=3, general=general, general_lr_scale=0.25, branch_weight_decay=0.0)
+@pytest.mark.parametrize("general, branch_scale", [("slow", 1.0), ("joint", 1.0), ("slow", 8.0)])
+def test_slow_general_and_branch_train_at_their_scaled_rates(tmp_path, general, branch_scale):
+    raw = phase_config(epochs=3, general=general, general_lr_scale=0.25, branch_weight_decay=0.0,
+                       branch_lr_scale=branch_scale)
     trainer = trainer_for(raw, tmp_path / "run")
-    trainer.fit()
+    result = trainer.fit()
     branch_group, general_group = trainer.ctx.optimizer.param_groups
     lr = trainer.schedule(2)  # the last epoch's rate
     scale = 0.25 if general == "slow" else 1.0
-    assert general_group["lr"] == pytest.approx(lr * scale) and branch_group["lr"] == pytest.approx(lr)
+    assert general_group["lr"] == pytest.approx(lr * scale) and branch_group["lr"] == pytest.approx(lr * branch_scale)
+    assert result["method"]["phase"]["branch_lr_scale"] == branch_scale
     assert branch_group["weight_decay"] == 0.0 and general_group["weight_decay"] == 2e-4  # train.weight_decay
     assert general_group["params"] == general_parameters(trainer.ctx.model)
     assert branch_group["params"] == branch_parameters(trainer.ctx.model)
-    assert trainer.metrics.records()[-1]["lr"] == pytest.approx(lr)  # the schedule's rate, the branch's
+    assert trainer.metrics.records()[-1]["lr"] == pytest.approx(lr)  # the schedule's rate, not a group's scaled one
 
 
 def test_merge_of_a_users_model_restores_its_classes_and_leaves_the_source():

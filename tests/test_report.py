@@ -452,12 +452,13 @@ def test_labels_tell_method_configurations_apart(tmp_path):
     are separate rows with the option in their label, not one row refused for mixing configurations."""
     r = tmp_path / "runs"
     runs = [make_run(r / "bs_s0", acc=(80.0, 70.0, 60.0, 70.0))]
-    more = {"frozen": ("frozen", 2.0), "slow": ("slow", 2.0), "frozen_a0": ("frozen", 0.0)}
-    for name, (general, amplitude) in more.items():
+    more = {"frozen": ("frozen", 2.0, 1.0), "slow": ("slow", 2.0, 1.0), "frozen_a0": ("frozen", 0.0, 1.0),
+            "frozen_fast": ("frozen", 2.0, 100.0)}
+    for name, (general, amplitude, branch) in more.items():
         path = make_run(r / f"more_{name}_s0", config={"method": {"name": "more"}})
         result = json.loads((path / "result.json").read_text())
         result["method"] = {"name": "more", "amplitude": amplitude,
-                            "phase": {"general": general, "start_epoch": 4,
+                            "phase": {"general": general, "start_epoch": 4, "branch_lr_scale": branch,
                                       "general_lr_scale": 0.1 if general == "slow" else 1.0}}
         (path / "result.json").write_text(json.dumps(result))
         runs.append(path)
@@ -471,4 +472,5 @@ def test_labels_tell_method_configurations_apart(tmp_path):
     assert labels == ["BS", "BS + MORE (W_g frozen, A' 2, from epoch 4, 6 ep)",
                       "BS + MORE (W_g slow at 0.1x LR, A' 2, from epoch 4, 6 ep)",
                       "BS + MORE (W_g frozen, A' 0, from epoch 4, 6 ep)",
+                      "BS + MORE (W_g frozen, branch at 100x LR, A' 2, from epoch 4, 6 ep)",
                       "BS + Growth (events after epochs 1-3, 6 ep)", "BS + Growth (events after epochs 1-5, 6 ep)"]

@@ -239,10 +239,12 @@ def load_run(run_dir: Path) -> RunData:
 
 def more_general(method: dict) -> str:
     """Who trains MORE's W_g, from its ``method`` record: 'joint', 'frozen' or 'slow at 0.1x LR' (runs from before
-    the ``phase`` record: joint)."""
+    the ``phase`` record: joint), and ', branch at 100x LR' where B and A train at a scaled rate."""
     phase = method.get("phase") or {}
     general = phase.get("general", "joint")
-    return general + (f" at {phase['general_lr_scale']:g}x LR" if general == "slow" else "")
+    branch = phase.get("branch_lr_scale", 1.0)
+    return (general + (f" at {phase['general_lr_scale']:g}x LR" if general == "slow" else "")
+            + (f", branch at {branch:g}x LR" if branch != 1.0 else ""))
 
 
 def method_label(run: RunData) -> str:

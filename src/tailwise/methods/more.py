@@ -54,6 +54,13 @@ logits). The seed initialises ``theta_g`` "from pretrained or random" and fine-t
 - ``slow``: ``theta_g`` trains at ``general_lr_scale`` (0.1) times the schedule's rate (its own parameter group's
   ``lr_scale``, which the trainer's schedule multiplies in every epoch).
 
+``branch_lr_scale`` (default 1: the paper's single rate) multiplies the rate of ``B`` and ``A`` the same way. A
+phase late in a schedule runs at a small rate (epochs 160-199 of the LDAM-DRW schedule: 1e-3, then 1e-5), and a
+branch that starts at ``B = 0`` hardly moves there: measured, a ``frozen`` phase ended with ``||BA|| / ||W_g||``
+about 1e-3 and 1.7e-3 of the logits, with ``A' = 2`` and with ``A' = 0`` alike, so the penalty was not what kept it
+small. ``branch_lr_scale: 100`` trains the branch at the schedule's peak rate (0.1, then 1e-3) -- our extension,
+the seed gives one rate for everything; the logged ``lr`` stays the schedule's.
+
 The phase. With ``start_epoch: N > 0`` the run trains plainly (the trainer's own loss, the base model) for epochs
 ``0 .. N-1`` and MORE begins at epoch ``N``: reparametrisation, the ``general`` mode, ``alpha``'s schedule over the
 remaining ``train.epochs - N`` epochs. ``first_active_epoch() = N``, so ``tailwise run RECIPE --branch-from
@@ -317,6 +324,7 @@ class MOREOptions:
     detach_general: bool = False  # z_gen as a constant target (general pass under no_grad)
     general: str = choice(*GENERALS, default="joint")  # how W_g trains in the phase: with B, A | fixed | slower
     general_lr_scale: float = bounded(0.1, 0.0, 1.0, low_open=True)  # slow: W_g's LR = this x the schedule's
+    branch_lr_scale: float = bounded(1.0, 0.0, low_open=True)  # B and A's LR = this x the schedule's
     start_epoch: int = bounded(0, 0)  # the phase's first epoch (0-based); before it the run is plain training
     branch_weight_decay: float | None = bounded(None, 0.0)  # weight decay of B and A; null: train.weight_decay
     merge_tol: float = bounded(1e-5, 0.0, low_open=True)  # relative logit tolerance of the merge check
@@ -402,10 +410,11 @@ class MOREMethod(Method):
     def param_groups(self, model: nn.Module) -> list[dict]:
         if not self.active:
             return super().param_groups(model)
-        branch = {"params": branch_parameters(model), "weight_decay": self.branch_weight_decay}
+        branch = {"params": branch_parameters(model), "weight_decay": self.branch_weight_decay,
+                  "lr_scale": self.options.branch_lr_scale}
         general = [p for p in general_parameters(model) if p.requires_grad]  # none when frozen
         scale = self.options.general_lr_scale if self.options.general == "slow" else 1.0
-        return [branch] + ([{"params": general, "lr_scale": scale}] if general else [])  # the first: the logged lr
+        return [branch] + ([{"params": general, "lr_scale": scale}] if general else [])
 
     def first_active_epoch(self) -> int:
         return self.options.start_epoch
@@ -524,6 +533,7 @@ class MOREMethod(Method):
                             else "optimizer steps since the phase began over the phase's steps"),
                     "phase": {"start_epoch": o.start_epoch, "general": o.general,
                               "general_lr_scale": o.general_lr_scale if o.general == "slow" else 1.0,
+                              "branch_lr_scale": o.branch_lr_scale,
                               "branch_weight_decay": self.branch_weight_decay,
                               "general_pass_grad": not self.detach,
                               "batchnorm": "running statistics follow the full path W_g + BA (the merged model's); "

@@ -498,6 +498,7 @@ def test_phase_recipes_branch_from_the_finetune_recipe():
         m = cfg.method
         assert (m["name"], m["general"], m["amplitude"], m["start_epoch"]) == ("more", general, amplitude, 160)
         assert m["general_lr_scale"] == 0.1 and m["ratio"] == 0.1 and m["branch_weight_decay"] is None
+        assert m["branch_lr_scale"] == 1.0
         # everything a branch must share with its source (tailwise.engine.branch): 40 epochs of phase
         assert (cfg.data, cfg.model, cfg.loss, cfg.train, cfg.run.seed) == (
             source.data, source.model, source.loss, source.train, source.run.seed)

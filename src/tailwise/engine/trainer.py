@@ -309,9 +309,8 @@ class Trainer:
                                   f"`tailwise run --resume {self.out}`")
         if bar is not None:
             bar.close()
-        group = ctx.optimizer.param_groups[0]  # what was used: a method may own the learning rate (DO)
-        lr = group["lr"] / group.get("lr_scale", 1.0)  # the schedule's rate, whatever a group's scale
-        return {"lr": lr, "train_loss": stats["loss"] / max(1, stats["seen"]),
+        return {"lr": ctx.base_lr(),  # what was used (a method may own the learning rate: DO), unscaled
+                "train_loss": stats["loss"] / max(1, stats["seen"]),
                 "train_acc": 100.0 * stats["correct"] / stats["counted"] if stats["counted"] else None}
 
     def fit(self) -> dict:

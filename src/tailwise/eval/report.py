@@ -272,9 +272,9 @@ def method_label(run: RunData) -> str:
     if (m.get("round_to") or 1) > 1:
         opts.append(f"channels in multiples of {m['round_to']}")
     if name == "more":  # who trains W_g, the discrepancy's amplitude and the phase tell MORE's rows apart
-        phase = m.get("phase") or {}
-        if more_general(m) != "joint":
-            opts.append(f"W_g {more_general(m)}")
+        phase, general = m.get("phase") or {}, more_general(m)
+        if general != "joint":
+            opts.append(f"W_g {general}")
         if m.get("amplitude") is not None:
             opts.append(f"A' {m['amplitude']:g}")
         if phase.get("start_epoch"):

@@ -108,6 +108,12 @@ class MethodContext:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
+    def base_lr(self) -> float:
+        """The base learning rate in use (what :meth:`set_lr` or the schedule last set): the first parameter group's
+        rate over its ``lr_scale``."""
+        group = self.optimizer.param_groups[0]
+        return group["lr"] / group.get("lr_scale", 1.0)
+
     def autocast(self):
         """The forward-pass precision context of this run (a no-op in full precision)."""
         if self.precision is None:

@@ -404,7 +404,7 @@ class MOREMethod(Method):
                 p.requires_grad_(False)
         self.lowrank_params = sum(p.numel() for p in branch_parameters(ctx.model))
         self.active = True
-        lr = ctx.optimizer.param_groups[0]["lr"] / ctx.optimizer.param_groups[0].get("lr_scale", 1.0)
+        lr = ctx.base_lr()
         ctx.rebuild_optimizer()
         ctx.set_lr(lr)
 

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from common import ROOT, log, machine_lines, publish, section_head
 
@@ -62,6 +63,17 @@ def _epoch_times(run_dir: Path) -> list[float]:
 
 
 # --------------------------------------------------------------------------------------------------- time
+class DemoTiming(NamedTuple):
+    """One timed ``tailwise demo``: its wall time, both results and the seconds its epochs took."""
+    rep: int
+    precision: str
+    wall_s: float
+    dense: dict
+    pruned: dict
+    train_s: float
+    ltap_epochs: int
+
+
 def measure_time(args) -> str:
     machine = machine_lines(os.cpu_count() or 1)
     rows, tables = [], []
@@ -77,12 +89,13 @@ def measure_time(args) -> str:
                 raise SystemExit(f"tailwise demo failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
             dense, pruned = _load(work / "demo" / "dense"), _load(work / "demo" / "ltap")
             train_s = sum(_epoch_times(work / "demo" / "dense")) + sum(_epoch_times(work / "demo" / "ltap"))
-            rows.append((wall, dense, pruned, train_s, len(_epoch_times(work / "demo" / "ltap")), rep + 1, precision))
+            rows.append(DemoTiming(rep + 1, precision, wall, dense, pruned, train_s,
+                                   len(_epoch_times(work / "demo" / "ltap"))))
             tables.append(proc.stdout.strip())
             log(f"rep {rep + 1}: {wall:.1f} s wall")
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    worst = {p: max(r[0] for r in rows if r[6] == p) for p in args.precisions}
+    worst = {p: max(r.wall_s for r in rows if r.precision == p) for p in args.precisions}
     lines = [*section_head(TIME_SECTION, "benchmarks/demo_benchmark.py", args.argv), *machine,
              f"- Load average at the end: {os.getloadavg()[0]:.2f}",
              *([f"- Conditions: {args.note}"] if args.note else []),
@@ -94,10 +107,10 @@ def measure_time(args) -> str:
              "| Rep | `--precision` | Wall s | Precision | Dense epochs | LTAP epochs (branched) | Training + "
              "validation s | Dense all | LTAP all |",
              "|---:|---|---:|---|---:|---:|---:|---:|---:|"]
-    for wall, dense, pruned, train_s, ltap_epochs, rep, precision in rows:
-        lines.append(f"| {rep} | {'(none)' if precision == 'default' else precision} | {wall:.1f} | "
-                     f"{dense.get('precision', 'fp32')} | {dense['epochs']} | {ltap_epochs} | {train_s:.1f} | "
-                     f"{dense['accuracy']['all']:.2f} | {pruned['accuracy']['all']:.2f} |")
+    for r in rows:
+        lines.append(f"| {r.rep} | {'(none)' if r.precision == 'default' else r.precision} | {r.wall_s:.1f} | "
+                     f"{r.dense.get('precision', 'fp32')} | {r.dense['epochs']} | {r.ltap_epochs} | {r.train_s:.1f} | "
+                     f"{r.dense['accuracy']['all']:.2f} | {r.pruned['accuracy']['all']:.2f} |")
     lines += [""] + [f"Slowest run{'' if p == 'default' else f' with --precision {p}'} {w:.1f} s against the "
                      f"{BUDGET_S:.0f} s budget: **{'within' if w <= BUDGET_S else 'OVER'}**." for p, w in worst.items()]
     lines += ["", "The last run's output:", "", "```", tables[-1], "```", ""]

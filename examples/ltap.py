@@ -64,7 +64,7 @@ def main() -> None:
         if epoch == STAGES_AFTER[0]:
             show("dense      ", model, x_test, y_test)
         if epoch in STAGES_AFTER:
-            event = ltap.step(val)  # trial masks on the validation batch, LT-Vote, prune
+            event = ltap.step(val)  # trial masks on the validation batch (its inputs recompute each trial's BN statistics), LT-Vote, prune
             votes = ltap.round_record["votes"]
             print(f"stage {event['stage']} after epoch {epoch}: removed {event['removed_channels']} channels; "
                   f"votes {', '.join(f'{k} {v:g}' for k, v in votes.items())}; "

@@ -382,7 +382,7 @@ def test_decoupling_takes_the_scheduled_training_steps(tmp_path, schedule, expec
 
 
 def test_recomputed_batchnorm_matches_a_direct_computation():
-    from tailwise.methods.do.batchnorm import recompute_batchnorm
+    from tailwise.methods.batchnorm import recompute_batchnorm
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
@@ -410,12 +410,12 @@ def test_submodel_statistics_are_those_of_the_stage_batches(full_run):
     import itertools
 
     from tailwise.methods.do.adapter import BATCHNORM_KEY
-    from tailwise.methods.do.batches import stage_batches
+    from tailwise.methods.batches import training_batches
 
     trainer, result = full_run
     m, ctx = trainer.method, trainer.ctx
     for t, sub in enumerate(m.submodels):
-        batches = itertools.islice(stage_batches(ctx, m.sampler_for(ctx, t), BATCHNORM_KEY + t),
+        batches = itertools.islice(training_batches(ctx, m.sampler_for(ctx, t), BATCHNORM_KEY + t),
                                    len(trainer.train_loader))
         with torch.no_grad():
             h = [nn.functional.conv2d(x, sub["conv1.weight"], padding=1) for x, _ in batches]

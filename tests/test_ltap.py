@@ -3,6 +3,7 @@ the public code's three defects), options, recipes, and tiny end-to-end runs (ta
 compressed model written, ablations run, exact resume across a stage)."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -538,12 +539,15 @@ def planted(vote: str):
     return ltap, model, evaluate, observe, evaluations
 
 
+CALIBRATION = [torch.randn(6, 2, 4, 4, generator=torch.Generator().manual_seed(5))]
+
+
 def test_planted_trial_vote_favours_the_criterion_that_protects_the_rare_class():
     ltap, model, evaluate, observe, evaluations = planted("trial")
     records = []
     for _ in range(4):
         observe()
-        ltap.step(evaluate)
+        ltap.step(evaluate, calibration=CALIBRATION)
         records.append(ltap.round_record)
     first = records[0]
     assert first["trials"]["magnitude"]["per_class"][2] == 90.0 and first["trials"]["taylor_first_order"]["per_class"][2] == 0.0
@@ -625,8 +629,77 @@ def test_trials_leave_model_masks_bn_statistics_and_rng_untouched():
     assert ltap.vote.rounds == 2
 
 
+def trained_resnet(seed=0, criteria=None, **options):
+    """A ResNet-20 after one pass over ``small_loader`` (statistics moved, a scoring window of gradients)."""
+    from tailwise.methods.ltap import LTAP
+    from tailwise.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model("resnet20", 4)
+    loader = small_loader()
+    ltap = LTAP(model, loader[0][0][:1], [40, 20, 8, 4], target_params=0.5, stages=2, seed=3, criteria=criteria,
+                **options)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for x, y in loader:
+        opt.zero_grad()
+        ltap.observe(torch.nn.functional.cross_entropy(model(x), y))
+        opt.step()
+        ltap.enforce(opt)
+    return ltap, model, loader
+
+
+def test_trial_statistics_are_recomputed_on_the_calibration_batches_then_restored():
+    """One criterion, so the vote cannot change what is pruned: the stage with the statistics pass leaves the
+    model, masks and RNG exactly as the stage without it; inside the mixed mask's trial the stem BatchNorm holds
+    the hand-computed average of the calibration batches' per-channel mean and unbiased variance (the first two
+    batches: trial_bn_batches 2), not the running statistics."""
+    g = torch.Generator().manual_seed(11)
+    calibration = [(torch.randn(8, 3, 16, 16, generator=g), None) for _ in range(3)]
+    ends = {}
+    for n in (2, 0):
+        ltap, model, loader = trained_resnet(criteria=["magnitude"], trial_bn_batches=n)
+        evaluate, seen = ltap.evaluator(loader), []
+
+        def watching():
+            seen.append((model.bn1.running_mean.clone(), model.bn1.running_var.clone(), model.conv1.weight.clone()))
+            return evaluate()
+
+        running = (model.bn1.running_mean.clone(), model.bn1.running_var.clone())
+        rng = torch.get_rng_state()
+        ltap.step(watching, calibration=calibration)
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert ltap.round_record["trial_bn_batches"] == n
+        ends[n] = ({k: v.clone() for k, v in model.state_dict().items()}, [k.clone() for k in ltap.masks.keep])
+        mean, var, conv1 = seen[-1]  # the mixed mask: the model as pruned
+        if n == 0:
+            assert torch.equal(mean, running[0]) and torch.equal(var, running[1])
+            continue
+        with torch.no_grad():
+            stem = [torch.nn.functional.conv2d(x, conv1, padding=1) for x, _ in calibration[:2]]
+        expected_mean = sum(h.mean((0, 2, 3)) for h in stem) / 2
+        expected_var = sum(h.var((0, 2, 3), unbiased=True) for h in stem) / 2
+        assert torch.allclose(mean, expected_mean, atol=1e-5) and torch.allclose(var, expected_var, atol=1e-5)
+        assert not torch.allclose(mean, running[0])
+    (state2, keep2), (state0, keep0) = ends[2], ends[0]
+    assert all(torch.equal(a, b) for a, b in zip(keep2, keep0)) and int(sum((~k).sum() for k in keep2)) > 0
+    for k, v in state2.items():
+        assert torch.equal(v, state0[k]), k
+
+
+def test_trial_statistics_need_calibration_batches():
+    ltap, model, loader = trained_resnet()
+    evaluate = ltap.evaluator(loader)
+    with pytest.raises(ValueError, match="calibration"):
+        ltap.step(evaluate)  # a function gives no inputs to recompute the statistics on
+    ltap.options.trial_bn_batches = 0
+    ltap.step(evaluate)
+    assert ltap.round_record["trial_bn_batches"] == 0
+
+
 def test_standalone_ltap_compresses_to_the_masked_function():
     from tailwise.methods.ltap import LTAP
+    from tailwise.methods.batchnorm import recompute_batchnorm
+    from tailwise.methods.ltap.trial import loader_accuracy
     from tailwise.models import build_model
 
     torch.manual_seed(1)
@@ -639,7 +712,9 @@ def test_standalone_ltap_compresses_to_the_masked_function():
         event = ltap.step(loader)
         assert set(event["alpha"]) == set(CRITERIA) - {"avg_magnitude"} and event["removed_channels"] > 0
         mixed = ltap.round_record["mixed"]["per_class"]
-        assert mixed == [round(float(a), 4) for a in ltap.evaluator(loader)()]  # the model right after pruning
+        pruned = copy.deepcopy(model)  # the model right after pruning, its statistics recomputed on the loader's x
+        recompute_batchnorm(pruned, (x for x, _ in loader))
+        assert mixed == [round(float(a), 4) for a in loader_accuracy(pruned, loader, 4)()]
     with pytest.raises(RuntimeError, match="stages are done"):
         ltap.step(loader)
     small = ltap.compress()
@@ -671,7 +746,9 @@ def test_trial_run_records_every_stage(trial_run):
             assert len(trial["per_class"]) == 4 and set(trial["groups"]) == {"many", "medium", "few"}
         assert math.isclose(sum(v["alpha_base"].values()), 1.0) and v["alpha"][v["suppressed"]] == 0.0
         assert r["pruning_stage"]["alpha"] == v["alpha"] == {k: pytest.approx(a, abs=1e-6) for k, a in r["ltap_alpha"].items()}
+        assert v["trial_bn_batches"] == 20  # recomputed on training batches (the default)
     assert result["method"]["ltap"]["vote_matrix"]["rounds"] == 2
+    assert "recomputed on 20 calibration batches" in result["method"]["ltap"]["choices"]["vote"]
     assert len(result["method"]["overhead"]["trial_s_per_stage"]) == 2  # wall clock, kept out of metrics.jsonl
     assert result["cost"]["params"] <= 0.5 * result["cost"]["params_dense"]
 

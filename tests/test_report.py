@@ -474,3 +474,18 @@ def test_labels_tell_method_configurations_apart(tmp_path):
                       "BS + MORE (W_g frozen, A' 0, from epoch 4, 6 ep)",
                       "BS + MORE (W_g frozen, branch at 100x LR, A' 2, from epoch 4, 6 ep)",
                       "BS + Growth (events after epochs 1-3, 6 ep)", "BS + Growth (events after epochs 1-5, 6 ep)"]
+
+
+def test_ltap_labels_tell_trials_on_stale_statistics_apart():
+    """A trial-vote run without ``trial_bn_batches`` predates the statistics pass: its trials read the running
+    statistics, and its label says so; the default (20 batches) needs no mention."""
+    from tailwise.eval.report import RunData, method_label
+
+    def label(**method):
+        return method_label(RunData(Path("x"), {"loss": {"name": "balanced_softmax"}, "epochs": 200,
+                                                "method": {"name": "ltap", "target_macs": 0.25, **method}}))
+
+    assert label(vote="trial", trial_bn_batches=20) == "BS + LTAP (MACs 25%, 200 ep)"
+    assert label(vote="trial") == label(vote="trial", trial_bn_batches=0) == \
+        "BS + LTAP (trials on stale BN statistics, MACs 25%, 200 ep)"
+    assert label(vote="uniform") == "BS + LTAP (w.o. vote, MACs 25%, 200 ep)"

@@ -260,6 +260,8 @@ def method_label(run: RunData) -> str:
     if name == "ltap" and vote and vote != "trial":  # trial: the default vote
         opts.append({"uniform": "w.o. vote", "public-code": "public-code weights", "paper": "paper vote",
                      "adaptive": "paper vote"}.get(vote, f"vote={vote}"))
+    if name == "ltap" and vote == "trial" and not m.get("trial_bn_batches"):  # runs without the key predate it
+        opts.append("trials on stale BN statistics")
     if name == "ltap" and m.get("normalize") not in (None, "l2"):
         opts.append(f"{m['normalize']} normalisation")
     if m.get("criteria") and name == "ltap" and len(m["criteria"]) < 5:

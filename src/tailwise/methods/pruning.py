@@ -410,16 +410,16 @@ class StructuredPruningMethod(Method):
     def on_epoch_end(self, ctx, epoch: int, val: dict | None) -> dict:
         record = {}
         if (epoch + 1) in self.stage_epochs:
-            event = self.pruner.step(self.feedback(ctx, val), reduce=ctx.dist.average_all_,
+            event = self.pruner.step(**self.step_inputs(ctx, val), reduce=ctx.dist.average_all_,
                                      decay_steps=self.options.decay_steps or len(ctx.train_loader), epoch=epoch)
             self.pruner.masks.enforce_optimizer(ctx.optimizer)
             record["pruning_stage"] = event
         record.update(self.pruner.cost())
         return record
 
-    def feedback(self, ctx, val: dict | None):
-        """What the pruner's ``step`` gets as ``val`` (LTAP: its validation feedback)."""
-        return None
+    def step_inputs(self, ctx, val: dict | None) -> dict:
+        """The data the pruner's ``step`` gets (LTAP: its validation feedback and calibration batches)."""
+        return {}
 
     # ------------------------------------------------------------------------------------------- compress
     def _compressed(self, ctx):

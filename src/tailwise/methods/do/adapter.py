@@ -43,7 +43,7 @@ Each stage:
 
 3. **Sub-models.** Sub-model ``t < T`` is the network with the entries frozen in stages ``1..t`` (exempt tensors
    whole) and zeros elsewhere, its BatchNorm affine parameters as at its decoupling and its BatchNorm statistics
-   **recomputed** (:func:`.batchnorm.recompute_batchnorm`) on ``bn_batches`` batches (default: one epoch) of the
+   **recomputed** (:func:`tailwise.methods.batchnorm.recompute_batchnorm`) on ``bn_batches`` batches (default: one epoch) of the
    stage's sampler under the stage's training augmentation (RandAugment included where the run uses it);
    ``bn_batches: 0`` keeps the statistics the retraining left (before issue #22). Sub-model ``T`` is the final
    network. They are stored as state dicts (in the checkpoint) and run with ``torch.func.functional_call``.
@@ -80,8 +80,9 @@ from ...errors import ConfigError
 from ...models.ensemble import AGGREGATIONS, SubModelEnsemble, aggregate
 from ...options import bounded, choice
 from .. import Method, register_method
-from .batches import class_batches, stage_batches
-from .batchnorm import recompute_batchnorm
+from ..batches import training_batches
+from ..batchnorm import recompute_batchnorm
+from .batches import class_batches
 from .decoupler import Decoupler, taylor_importance
 from .loss import compensation_loss, stage_alpha
 from .masks import EXEMPT
@@ -247,7 +248,7 @@ class DOMethod(Method):
         if o.gamma_select == "sweep":
             gamma, sweep = self.sweep(ctx, scores)
         lr = o.prune_lr if o.prune_lr is not None else self.stages[t + 1].lr
-        batches = stage_batches(ctx, self.sampler_for(ctx, t), RETRAIN_KEY + t)
+        batches = training_batches(ctx, self.sampler_for(ctx, t), RETRAIN_KEY + t)
         losses = []
         ctx.model.train()
         self.retrain_lr = lr
@@ -288,7 +289,7 @@ class DOMethod(Method):
             return state
         network = copy.deepcopy(ctx.model)
         network.load_state_dict(state)
-        batches = itertools.islice(stage_batches(ctx, self.sampler_for(ctx, t), BATCHNORM_KEY + t), n)
+        batches = itertools.islice(training_batches(ctx, self.sampler_for(ctx, t), BATCHNORM_KEY + t), n)
         with ctx.dist.data_parallel(), ctx.autocast():
             recompute_batchnorm(network, (x for x, _ in batches))
         return {k: v.detach().clone() for k, v in network.state_dict().items()}

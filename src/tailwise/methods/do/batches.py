@@ -1,37 +1,20 @@
 """The batches DO draws outside the training loop, from a run's context (``MethodContext``).
 
-* :func:`stage_batches`: a stage's training batches (its sampler, the run's training augmentation, RandAugment
-  included), from private epoch keys, for the decoupling's retraining steps and the sub-models' BatchNorm
-  statistics;
+* a stage's training batches (its sampler, the run's training augmentation, RandAugment included, from private
+  epoch keys) for the decoupling's retraining steps and the sub-models' BatchNorm statistics are
+  :func:`tailwise.methods.batches.training_batches`;
 * :func:`class_batches`: the unaugmented training images of a set of classes, for the importance scores;
 * :func:`split_batches`: a validation or test split, unaugmented.
 
-Under data parallelism each process takes its part of every batch (:func:`stage_batches`, as the training
-loader does) or a contiguous run of whole batches (:func:`class_batches`, whose sums the caller adds up).
+Under data parallelism :func:`class_batches` gives each process a contiguous run of whole batches, whose sums the
+caller adds up.
 """
 from __future__ import annotations
-
-import itertools
-from typing import Iterator
 
 import torch
 
 from ...data.factory import make_eval_loader
-from ...data.loader import Sampler, _generator, rank_slice
-
-
-def stage_batches(ctx, sampler: Sampler, key: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless normalised, augmented training batches ``(x, y)`` of ``sampler``'s epochs ``key, key + 1000, ...``
-    (``train.batch_size`` each; an epoch's incomplete last batch is skipped)."""
-    loader, labels, bs = ctx.train_loader, ctx.data.train.labels, ctx.cfg.train.batch_size
-    for r in itertools.count():
-        indices = sampler.epoch_indices(key + 1000 * r)
-        g = _generator(ctx.cfg.run.seed, key + 1000 * r, 1)
-        for start in range(0, max(1, len(indices) - bs + 1), bs):
-            batch = indices[start:start + bs]
-            part = rank_slice(len(batch), ctx.dist.rank, ctx.dist.world)
-            x = loader.augmented_batch(batch, g, part)
-            yield loader.normalize(x[part]), labels[batch[part]].to(ctx.device)
+from ...data.loader import rank_slice
 
 
 def class_batches(ctx, classes: list[int], max_batches: int | None = None):

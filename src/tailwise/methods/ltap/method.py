@@ -6,7 +6,9 @@ then every ``stage_interval`` epochs (10: not given by the paper; the last stage
 at 160, leaving 60 epochs of fine-tuning). Gradient criteria accumulate over the ``score_window`` epochs that end
 with each stage.
 
-``vote: trial`` evaluates the trial masks on the run's validation split (``data.val``) at every stage.
+``vote: trial`` evaluates the trial masks on the run's validation split (``data.val``) at every stage, each
+trial's BatchNorm statistics recomputed on ``trial_bn_batches`` training batches (the run's sampler and
+augmentation, drawn for a private epoch key per stage: the same batches for every criterion of a stage).
 ``vote: paper`` closes an LT-Vote round at every stage (``vote_every: stage``: section 2.3's loop "prune, then
 update the weights from the pruned model's validation performance, repeat"; the votes of the round that ends at
 stage ``k+1`` go to the criteria that chose stage ``k``'s channels; the last round closes ``stage_interval``
@@ -24,7 +26,10 @@ from __future__ import annotations
 from ...errors import ConfigError
 from .. import register_method
 from ..pruning import StructuredPruningMethod, check_pruning_options
+from ..batches import training_batches
 from .pruner import LTAP, LTAPOptions
+
+TRIAL_BATCHNORM_KEY = 3_000_000  # private epoch keys: never a training epoch's batches (DO's are 1e6 and 2e6)
 
 
 def check_ltap_options(o: LTAPOptions, cfg) -> None:
@@ -74,10 +79,15 @@ class LTAPMethod(StructuredPruningMethod):
         return self.options.start_epoch - self.options.score_window
 
     # ---------------------------------------------------------------------------------------------- hooks
-    def feedback(self, ctx, val: dict | None):
-        if self.options.vote == "trial":
-            return lambda: ctx.evaluate("val")["per_class"]
-        return None  # paper: the rounds are closed in on_epoch_end from the epoch's own validation accuracy
+    def step_inputs(self, ctx, val: dict | None) -> dict:
+        """``vote: trial``: the validation split's per-class accuracy, and as calibration batches the training
+        batches of a private epoch key per stage (the run's sampler and augmentation; the training batches and
+        random state are untouched). ``paper`` closes its rounds in on_epoch_end from the epoch's own accuracy."""
+        if self.options.vote != "trial":
+            return {}
+        key = TRIAL_BATCHNORM_KEY + self.pruner.stage
+        return {"val": lambda: ctx.evaluate("val")["per_class"],
+                "calibration": lambda: training_batches(ctx, ctx.train_loader.sampler, key)}
 
     def on_epoch_end(self, ctx, epoch: int, val: dict | None) -> dict:
         pruner = self.pruner

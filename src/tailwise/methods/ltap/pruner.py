@@ -10,12 +10,16 @@ criteria (eq. 1), and the globally lowest-``S`` live channels are removed until 
 
 * ``trial`` (default; beyond the paper): at every stage, before pruning, each criterion prunes a copy of the model
   to the stage's budget alone (:mod:`.trial`: weights restored bit for bit, BatchNorm statistics, optimizer and RNG
-  untouched) and is evaluated on the validation split; LT-Vote (:mod:`.vote`) credits each criterion per class
+  untouched), its BatchNorm statistics are recomputed on ``trial_bn_batches`` calibration batches (20 by default;
+  the statistics are put back afterwards) and it is evaluated on the validation split; LT-Vote (:mod:`.vote`) credits each criterion per class
   against the mean over criteria, Proposition 1's class weights turn votes into importance (eq. 4), ``alpha =
   softmax(I / tau)`` (eq. 5), one criterion is suppressed (section 2.2), and the stage prunes with that updated
   ``alpha``. Why: read literally, eq. 6 credits one accuracy change to every active criterion alike, so the weights
-  move only through the random suppression (issue #21); the trial gives each criterion its own evidence. Cost per
-  stage: one validation evaluation per criterion, plus one of the mixed mask (recorded).
+  move only through the random suppression (issue #21); the trial gives each criterion its own evidence. The
+  statistics pass goes beyond the issue's first build too (``trial_bn_batches: 0`` keeps the running statistics):
+  with half the budget removed, stale statistics break every trial network alike (:mod:`.trial`). Cost per stage:
+  per criterion, ``trial_bn_batches`` forward passes and one validation evaluation; the same for the mixed mask
+  (recorded).
 * ``paper``: the literal reading (eq. 6): a round closes at every stage (or, in the trainer, every epoch of the
   pruning phase); every criterion active in the round that just ended gets a vote for each class whose validation
   accuracy rose since the previous round. ``adaptive``, its former name, still loads (with a warning).
@@ -42,6 +46,7 @@ other four. The trainer's schedule (``start_epoch`` 100 of 200, ``stage_interval
 """
 from __future__ import annotations
 
+import itertools
 import time
 import warnings
 from dataclasses import dataclass
@@ -57,6 +62,7 @@ from ...options import bounded, choice
 from ..pruning import PruningOptions, StructuredPruner, _identity
 from .criteria import (CRITERIA, GRADIENT_CRITERIA, NORMALISATIONS, SECOND_ORDER, ChannelLayout, CriteriaAccumulator,
                        mix, normalise)
+from ..batchnorm import recompute_batchnorm
 from .trial import loader_accuracy, trial_accuracy
 from .vote import CLASS_WEIGHTS, INCREMENTS, LTVote, as_accuracy, class_weights
 
@@ -92,6 +98,9 @@ class LTAPOptions(PruningOptions):
     vote_increment: str = choice(*INCREMENTS, default="indicator")
     suppression: str = choice("inverse", "none", default="inverse")  # inverse: one criterion per round, p ∝ 1/alpha
     score_window: int = bounded(1, 1)  # trainer: epochs before each stage over which gradient criteria accumulate
+    # vote: trial -- calibration batches on which each trial's BatchNorm statistics are recomputed (then restored);
+    # 0: the trials read the model's running statistics
+    trial_bn_batches: int = bounded(20, 0)
 
     def __post_init__(self):
         if self.target_params is None and self.target_macs is None and self.target_sparsity is None:
@@ -131,7 +140,10 @@ class LTAP(StructuredPruner):
     ``class_counts``: training images per class (Proposition 1's vote weights); ``groups``: the many / medium /
     few membership the records use (default: from ``class_counts``, thresholds 100 / 20); the options are
     :class:`LTAPOptions`' fields. ``step(val)`` takes the validation feedback of the vote: a loader of ``(x, y)``
-    batches, or a function returning the model's per-class accuracy in percent.
+    batches, or a function returning the model's per-class accuracy in percent. ``step(val, calibration=...)``:
+    the batches (``x`` or ``(x, y)``; a re-iterable, or a function returning a fresh iterable) on whose first
+    ``trial_bn_batches`` each trial's BatchNorm statistics are recomputed, such as training batches; by default the
+    inputs of a ``val`` loader.
 
     >>> import torch, tailwise
     >>> from tailwise.models import build_model
@@ -160,6 +172,7 @@ class LTAP(StructuredPruner):
         self.vote: LTVote | None = None
         self.round_record: dict | None = None  # the vote's record of the last stage
         self.trial_times: list[float] = []  # seconds the trials took, per stage (wall clock)
+        self._calibrate = None  # within step(): recomputes the trial network's BatchNorm statistics
         if o.vote in ("trial", "paper"):
             self.vote = LTVote(o.criteria, self.class_w, o.tau, o.suppression == "inverse", o.vote_increment,
                                seed=seed)
@@ -208,20 +221,43 @@ class LTAP(StructuredPruner):
             return val
         return loader_accuracy(self.model, val, len(self.class_counts))
 
-    def step(self, val=None, *, reduce=_identity, decay_steps: int | None = None, **record) -> dict:
-        """One LTAP stage: criteria, vote (``trial``: trial masks on ``val``; ``paper``: a round closed with the
-        accuracy of the model on ``val``, when given), mix, prune. The vote's record is ``self.round_record``,
-        the trials' wall-clock time ``self.trial_times[-1]``."""
+    def calibrator(self, val, calibration):
+        """The function that recomputes a trial network's BatchNorm statistics on the first ``trial_bn_batches``
+        batches of ``calibration`` (default: the inputs of a ``val`` loader); None with ``trial_bn_batches: 0``."""
+        n = self.options.trial_bn_batches
+        if self.options.vote != "trial" or n == 0:
+            return None
+        source = calibration if calibration is not None else (None if val is None or callable(val) else val)
+        if source is None:
+            raise ValueError("LTAP trial vote with trial_bn_batches > 0 recomputes each trial's BatchNorm statistics: "
+                             "pass step(val, calibration=batches), or a loader as val, or set trial_bn_batches=0")
+        device = next(self.model.parameters()).device
+
+        def inputs():
+            for batch in itertools.islice(source() if callable(source) else source, n):
+                yield (batch[0] if isinstance(batch, (tuple, list)) else batch).to(device)
+
+        return lambda: recompute_batchnorm(self.model, inputs())
+
+    def step(self, val=None, *, calibration=None, reduce=_identity, decay_steps: int | None = None,
+             **record) -> dict:
+        """One LTAP stage: criteria, vote (``trial``: trial masks on ``val``, statistics recomputed on
+        ``calibration``; ``paper``: a round closed with the accuracy of the model on ``val``, when given), mix,
+        prune. The vote's record is ``self.round_record``, the trials' wall-clock time ``self.trial_times[-1]``."""
         evaluate = self.evaluator(val)
         if self.options.vote == "trial" and evaluate is None:
             raise ValueError("LTAP with vote: trial needs validation feedback: step(val_loader)")
+        self._calibrate = self.calibrator(val, calibration)
         self.round_record = None
-        if self.options.vote == "paper" and evaluate is not None:
-            self.round_record = self.close_round(as_accuracy(evaluate()))
-        event = super().step(evaluate, reduce=reduce, decay_steps=decay_steps, **record)
-        event.update(alpha=self.alpha(), suppressed=self.suppressed(), agreement=self._agreement())
-        if self.options.vote == "trial":
-            self.round_record["mixed"] = self._accuracy_record(self._trial({}, evaluate))
+        try:
+            if self.options.vote == "paper" and evaluate is not None:
+                self.round_record = self.close_round(as_accuracy(evaluate()))
+            event = super().step(evaluate, reduce=reduce, decay_steps=decay_steps, **record)
+            event.update(alpha=self.alpha(), suppressed=self.suppressed(), agreement=self._agreement())
+            if self.options.vote == "trial":
+                self.round_record["mixed"] = self._accuracy_record(self._trial({}, evaluate))
+        finally:
+            self._calibrate = None
         return event
 
     def scores(self, val=None, reduce=_identity) -> list[torch.Tensor]:
@@ -240,7 +276,8 @@ class LTAP(StructuredPruner):
 
     def _trial(self, selection: dict[int, torch.Tensor], evaluate) -> torch.Tensor:
         live = [self.masks.live(i) for i in range(len(self.groups))]
-        return trial_accuracy(self.model, self.groups, self.layout.tensors(self.model), live, selection, evaluate)
+        return trial_accuracy(self.model, self.groups, self.layout.tensors(self.model), live, selection, evaluate,
+                              self._calibrate)
 
     def _accuracy_record(self, accuracy: torch.Tensor) -> dict:
         groups = group_accuracy(accuracy, self.shot_groups)
@@ -255,6 +292,7 @@ class LTAP(StructuredPruner):
                     for k in self.vote.criteria}
         record = self.vote.observe_trials([accuracy[k] for k in self.vote.criteria])
         record["trials"] = {k: self._accuracy_record(a) for k, a in accuracy.items()}
+        record["trial_bn_batches"] = self.options.trial_bn_batches if self._calibrate is not None else 0
         self.trial_times.append(round(time.perf_counter() - start, 3))  # wall clock: not in the vote's history
         return record
 
@@ -302,7 +340,10 @@ class LTAP(StructuredPruner):
                                  else "mean over the window of 0.5 * <w, g>^2 (public code)"),
                 "vote": {"trial": "per stage, each criterion's trial mask at the stage budget on validation; "
                                   f"credit ({o.vote_increment}) against the per-class mean over criteria; every "
-                                  "criterion votes every round (beyond the paper: eq. 6 has no k)",
+                                  "criterion votes every round (beyond the paper: eq. 6 has no k); "
+                                  + (f"each trial's BatchNorm statistics recomputed on {o.trial_bn_batches} "
+                                     "calibration batches, then restored" if o.trial_bn_batches
+                                     else "the trials read the model's running BatchNorm statistics"),
                          "paper": "eq. 6 literally: the criteria active in a round share its accuracy gains",
                          "uniform": "alpha = 1/K, no suppression (w.o. vote)",
                          "public-code": "fixed weights 0/1.25/1/1/1 (audit section 3)"}[o.vote],

@@ -9,9 +9,9 @@ criteria (eq. 1), and the globally lowest-``S`` live channels are removed until 
 ``vote`` chooses ``alpha``:
 
 * ``trial`` (default; beyond the paper): at every stage, before pruning, each criterion prunes a copy of the model
-  to the stage's budget alone (:mod:`.trial`: weights restored bit for bit, BatchNorm statistics, optimizer and RNG
-  untouched), its BatchNorm statistics are recomputed on ``trial_bn_batches`` calibration batches (20 by default;
-  the statistics are put back afterwards) and it is evaluated on the validation split; LT-Vote (:mod:`.vote`) credits each criterion per class
+  to the stage's budget alone (:mod:`.trial`), its BatchNorm statistics are recomputed on ``trial_bn_batches``
+  calibration batches (20 by default), and it is evaluated on the validation split (weights and statistics restored
+  bit for bit afterwards, optimizer and RNG untouched); LT-Vote (:mod:`.vote`) credits each criterion per class
   against the mean over criteria, Proposition 1's class weights turn votes into importance (eq. 4), ``alpha =
   softmax(I / tau)`` (eq. 5), one criterion is suppressed (section 2.2), and the stage prunes with that updated
   ``alpha``. Why: read literally, eq. 6 credits one accuracy change to every active criterion alike, so the weights
@@ -59,10 +59,10 @@ from ...data.longtail import ShotGroups, shot_groups
 from ...errors import ConfigError
 from ...eval.metrics import group_accuracy
 from ...options import bounded, choice
+from ..batchnorm import recompute_batchnorm
 from ..pruning import PruningOptions, StructuredPruner, _identity
 from .criteria import (CRITERIA, GRADIENT_CRITERIA, NORMALISATIONS, SECOND_ORDER, ChannelLayout, CriteriaAccumulator,
                        mix, normalise)
-from ..batchnorm import recompute_batchnorm
 from .trial import loader_accuracy, trial_accuracy
 from .vote import CLASS_WEIGHTS, INCREMENTS, LTVote, as_accuracy, class_weights
 

@@ -410,8 +410,9 @@ class StructuredPruningMethod(Method):
     def on_epoch_end(self, ctx, epoch: int, val: dict | None) -> dict:
         record = {}
         if (epoch + 1) in self.stage_epochs:
-            event = self.pruner.step(**self.step_inputs(ctx, val), reduce=ctx.dist.average_all_,
-                                     decay_steps=self.options.decay_steps or len(ctx.train_loader), epoch=epoch)
+            with ctx.dist.data_parallel():  # forward passes in train mode (LTAP's trial statistics): global batch
+                event = self.pruner.step(**self.step_inputs(ctx, val), reduce=ctx.dist.average_all_,
+                                         decay_steps=self.options.decay_steps or len(ctx.train_loader), epoch=epoch)
             self.pruner.masks.enforce_optimizer(ctx.optimizer)
             record["pruning_stage"] = event
         record.update(self.pruner.cost())

@@ -43,9 +43,9 @@ Each stage:
 
 3. **Sub-models.** Sub-model ``t < T`` is the network with the entries frozen in stages ``1..t`` (exempt tensors
    whole) and zeros elsewhere, its BatchNorm affine parameters as at its decoupling and its BatchNorm statistics
-   **recomputed** (:func:`tailwise.methods.batchnorm.recompute_batchnorm`) on ``bn_batches`` batches (default: one epoch) of the
-   stage's sampler under the stage's training augmentation (RandAugment included where the run uses it);
-   ``bn_batches: 0`` keeps the statistics the retraining left (before issue #22). Sub-model ``T`` is the final
+   **recomputed** (:func:`tailwise.methods.batchnorm.recompute_batchnorm`) on ``bn_batches`` batches (default:
+   one epoch) of the stage's sampler under the stage's training augmentation (RandAugment included where the run
+   uses it); ``bn_batches: 0`` keeps the statistics the retraining left (before issue #22). Sub-model ``T`` is the final
    network. They are stored as state dicts (in the checkpoint) and run with ``torch.func.functional_call``.
    ``metrics.jsonl`` (``do.decoupling``) and ``stages_table`` record per stage: ``val_cpo`` (the network after
    collaborative optimisation), ``val_tpd_stale`` (the new sub-model with the statistics the retraining left)

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from ...errors import ConfigError
 from .. import register_method
-from ..pruning import StructuredPruningMethod, check_pruning_options
 from ..batches import training_batches
+from ..pruning import StructuredPruningMethod, check_pruning_options
 from .pruner import LTAP, LTAPOptions
 
 TRIAL_BATCHNORM_KEY = 3_000_000  # private epoch keys: never a training epoch's batches (DO's are 1e6 and 2e6)

@@ -30,6 +30,7 @@ import torch
 
 from common import add_intro_option, fmt, log, machine_lines, one_precision, publish, section_head, signed
 
+from tailwise.engine.precision import DTYPES
 from tailwise.eval.report import stat_text, summarize as over_seeds
 
 AGGREGATIONS = ("average", "instance", "group")
@@ -199,10 +200,12 @@ def main(argv=None) -> None:
         cost[mode] = ms_per_image(ensemble0.with_aggregation(mode, group_lambda=lam_group), x, ns.batch)
         log(f"{mode}: {cost[mode]:.3f} ms / image")
     alone, lams = {}, {}
-    for seed, (path, _) in dos.items():
-        log(f"seed {seed}: sub-models alone and instance weights on {len(x_all)} test images")
-        alone[seed], lams[seed] = members_and_weights(load_model(path), x_all, y_all, groups, ns.batch)
-    strength = tta_strength(ensemble0, *val, groups) if val is not None else []
+    dtype = DTYPES.get(precision)  # the runs' own evaluation precision ('-': none recorded, full precision)
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        for seed, (path, _) in dos.items():
+            log(f"seed {seed}: sub-models alone and instance weights on {len(x_all)} test images ({precision})")
+            alone[seed], lams[seed] = members_and_weights(load_model(path), x_all, y_all, groups, ns.batch)
+        strength = tta_strength(ensemble0, *val, groups) if val is not None else []
 
     seeds = ", ".join(map(str, dos))
     rows = [f"| Method | Aggregation | Seeds | {' | '.join(g.capitalize() for g in GROUPS)} | Prediction ms / image "

@@ -267,7 +267,7 @@ def test_copies_exempt_and_none(tmp_path):
     assert set(growth.select(0, second[0])[0].tolist()) == set(first[0].tolist())
 
 
-@pytest.mark.parametrize("pair_scores", ["rescale", "raw"])
+@pytest.mark.parametrize("pair_scores", ["lineage", "rescale", "raw"])
 def test_pair_scores_undo_the_split(tmp_path, pair_scores):
     trainer = make(tmp_path, pair_scores=pair_scores)
     growth = trainer.method.growth
@@ -283,7 +283,59 @@ def test_pair_scores_undo_the_split(tmp_path, pair_scores):
     removed, duplicated = growth.pairs[0]
     assert removed.tolist() == [4, 5, 6, 7]  # the non-exempt lowest either way
     # doubled, the sources (120..126) outrank every other channel; raw, the channels 8..11 (108..111) win
-    assert set(duplicated.tolist()) == ({12, 13, 14, 15} if pair_scores == "rescale" else {8, 9, 10, 11})
+    assert set(duplicated.tolist()) == ({8, 9, 10, 11} if pair_scores == "raw" else {12, 13, 14, 15})
+
+
+@pytest.mark.parametrize("pair_scores", ["lineage", "rescale"])
+def test_lineage_factors_undo_every_earlier_split(tmp_path, pair_scores):
+    """A channel's score is multiplied by 2 per split in its lineage (``lineage``), so the channels split two
+    events ago, which ``exempt: pairs`` no longer protects, are not ranked at half their importance; ``rescale``
+    doubles only the previous event's pairs. Group 0 has 16 channels, 4 removed per event."""
+    trainer = make(tmp_path, pair_scores=pair_scores)
+    growth = trainer.method.growth
+    opt = trainer.ctx.optimizer
+    filler = [torch.arange(g.size, dtype=torch.float64) + 100 for g in growth.groups]
+    growth.event(opt, ascending(growth))  # 0-3 become copies of 12-15: factor 2 for all eight
+    second = [f.clone() for f in filler]
+    second[0] = torch.tensor([100.0, 101, 102, 103, 1, 2, 3, 4, 900, 901, 50, 51, 500, 501, 100, 101], dtype=torch.float64)
+    growth.event(opt, second)  # 4-7 (lowest outside the pairs) become copies of 8, 9, 12, 13 (the highest)
+    slots, sources = growth.pairs[0]
+    assert slots.tolist() == [4, 5, 6, 7] and set(sources.tolist()) == {8, 9, 12, 13}
+    expected = {0: 2, 1: 2, 2: 2, 3: 2, 8: 2, 9: 2, 10: 1, 11: 1, 12: 4, 13: 4, 14: 2, 15: 2}
+    for slot, source in zip(slots.tolist(), sources.tolist()):
+        expected[slot] = expected[source]
+    assert growth.split[0].tolist() == [expected[c] for c in range(16)]
+    third = [f.clone() for f in filler]
+    third[0][[0, 1, 2, 3, 14, 15, 10, 11]] = torch.tensor([50.0, 51, 52, 53, 54, 55, 90, 91], dtype=torch.float64)
+    event = growth.event(opt, third)
+    layer = event["layers"][growth.groups[0].name]
+    # raw, sorted: 50-55, 90, 91, 104-109, 112, 113; lower medians: layer 91, last pairs (4-9, 12, 13) 107,
+    # split at the first event and not since (0-3, 14, 15) 52
+    assert layer["pair_score_ratio"] == pytest.approx(107 / 91)
+    assert layer["split_score_ratio"] == pytest.approx(52 / 91)
+    assert layer["split_channels"] == 14
+    removed, _ = growth.pairs[0]
+    # lineage: 0-3 and 14, 15 rank at 100-110 and the never-split 10, 11 (90, 91) go first; rescale: 0-3 go
+    assert removed.tolist() == ([0, 1, 10, 11] if pair_scores == "lineage" else [0, 1, 2, 3])
+
+
+def test_split_outgoing_ratio_measures_the_factor(tmp_path):
+    """Right after an exact split, a source's outgoing norm times its factor 2 is its norm before the split: with
+    every outgoing column planted at norm 1 (and no weight scaling), the split channels' ratio is 1."""
+    trainer = make(tmp_path, weight_scaling=False, **exact_copy())
+    growth = trainer.method.growth
+    g = growth.groups[0]
+    with torch.no_grad():
+        for sl in g.slices:
+            if not ((sl.module_name in g.producers and sl.dim == 0) or sl.module_name in g.norms):
+                w = getattr(growth.model.get_submodule(sl.module_name), sl.tensor_name)
+                cols = w.index_select(sl.dim, sl.index).movedim(sl.dim, 0)
+                cols = cols / cols.flatten(1).norm(dim=1).view(-1, *[1] * (cols.dim() - 1))
+                w.index_copy_(sl.dim, sl.index, cols.movedim(0, sl.dim).contiguous())
+    growth.event(trainer.ctx.optimizer, ascending(growth))
+    assert growth._outgoing_norms(0)[growth.pairs[0][1]] == pytest.approx(torch.full((4,), 0.5, dtype=torch.float64))
+    event = growth.event(trainer.ctx.optimizer, ascending(growth))
+    assert event["layers"][g.name]["split_outgoing_ratio"] == pytest.approx(1.0)
 
 
 def test_twin_diagnostic_counts_planted_twins():
@@ -421,6 +473,9 @@ def test_end_to_end_keeps_widths_and_logs_events_and_twins(tmp_path):
     assert saved["method"]["name"] == "plasticity" and saved["method"]["event_epochs"] == [1, 2]
     assert len(saved["method"]["history"]) == 2
     assert saved["method"]["twins"] == records[-1]["twins"] == trainer.method.growth.twins()
+    # validation before an event's surgery does not describe the model after it: only epoch 3 may be best
+    assert [trainer.method.selectable(e) for e in range(3)] == [False, False, True]
+    assert saved["best_on_val"]["epoch"] == 2
 
 
 def test_default_schedule_stops_before_the_first_lr_decay(tmp_path):

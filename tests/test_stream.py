@@ -296,3 +296,24 @@ def test_streamed_run_writes_result(listed, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == result["accuracy"]
     assert main(["data", "inspect", str(recipe), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["index_sha256"] == result["dataset"]["index_sha256"]
+
+
+def test_streamed_run_draws_private_training_batches(listed, tmp_path):
+    """DO's retraining steps and LTAP's trial statistics draw training batches from a streamed loader too: the
+    sampler's order for the private key, the same batches on every call, the loader's own position untouched."""
+    from tailwise.config import config_from_dict
+    from tailwise.engine.rundir import prepare_run_dir
+    from tailwise.engine.trainer import Trainer
+    from tailwise.methods.batches import training_batches
+
+    cfg = config_from_dict(streamed_recipe(listed, workers=0))
+    prepare_run_dir(cfg, tmp_path / "run")
+    ctx = Trainer(cfg, tmp_path / "run", log=lambda msg: None).ctx
+    sampler, loader = ctx.train_loader.sampler, ctx.train_loader
+    first = [b for _, b in zip(range(3), training_batches(ctx, sampler, 3_000_000))]
+    again = [b for _, b in zip(range(3), training_batches(ctx, sampler, 3_000_000))]
+    order = sampler.epoch_indices(3_000_000)
+    assert [tuple(x.shape) for x, _ in first] == [(16, 3, SIZE, SIZE)] * 3  # 40 images: 2 per epoch key
+    assert torch.equal(first[0][1], ctx.data.train.labels[order[:16]].to(first[0][1].device))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    assert (loader.epoch, loader.position) == (0, 0)

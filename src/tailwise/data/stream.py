@@ -223,9 +223,11 @@ class StreamLoader(BaseLoader):
             yield batch
         self.epoch, self.position = self.epoch + 1, 0
 
-    def augmented_batch(self, idx, g: torch.Generator) -> torch.Tensor:
+    def augmented_batch(self, idx, g: torch.Generator, part: slice = slice(None)) -> torch.Tensor:
         """The training images ``idx`` (uint8, on the device) under the training transform, decoded in this
-        process, each under a seed drawn from ``g``."""
+        process, each under a seed drawn from ``g`` (the in-memory loader's signature; ``part`` changes nothing
+        here: every image's transform is its own, and the whole batch is decoded so that the draws do not depend
+        on the rank)."""
         idx = _index_list(idx)
         seeds = torch.randint(0, 2**62, (len(idx),), generator=g).tolist()
         transform = self._dataset.transform

@@ -38,8 +38,10 @@ Each stage:
    alone leaves those rows sparse, and the classifier is 0.14% of ResNet-32's weights. ``exempt_probe`` (default
    on) makes the choice by validation accuracy within every run, at no extra training: at each decoupling it also
    evaluates the new sub-model as the stricter readings would leave its classifier (:mod:`.probe`; the same
-   importance pass scores the classifier; exact at the first decoupling, an isolation of the classifier's effect
-   after it), in ``stages_table[].exempt_probe`` beside ``val_tpd``.
+   importance pass scores the classifier; the kept entries are exactly a stricter run's at the first decoupling,
+   but the accuracy is not: such a run would retrain 50 steps with the other entries at zero and let the rest of
+   the network adapt, so the probe is a pessimistic estimate of the stricter readings), in
+   ``stages_table[].exempt_probe`` beside ``val_tpd``.
 
 3. **Sub-models.** Sub-model ``t < T`` is the network with the entries frozen in stages ``1..t`` (exempt tensors
    whole) and zeros elsewhere, its BatchNorm affine parameters as at its decoupling and its BatchNorm statistics
@@ -212,10 +214,20 @@ class DOMethod(Method):
     def after_step(self, ctx) -> None:
         self.decoupler.after_step(ctx.optimizer)
 
+    def decouples_after(self, epoch: int) -> bool:
+        """A decoupling runs at the end of 0-based ``epoch`` (the last epoch of every stage but the last)."""
+        return any(epoch == s.start + s.epochs - 1 for s in self.stages[:-1])
+
+    def selectable(self, epoch: int) -> bool:
+        """Not an epoch that ends in a decoupling: its validation accuracy was measured before the decoupling
+        pruned and re-initialised entries, so it does not describe the model a best-on-validation checkpoint
+        would store."""
+        return not self.decouples_after(epoch)
+
     def on_epoch_end(self, ctx, epoch: int, val: dict | None) -> dict:
         s = self.stages[self.stage]
         record = {"stage": self.stage + 1, "group": s.name, "lr": self.current_lr(epoch)}
-        if epoch == s.start + s.epochs - 1 and self.stage < len(self.stages) - 1:
+        if self.decouples_after(epoch):
             record["decoupling"] = self.decouple(ctx, epoch)
         return {"do": record}
 

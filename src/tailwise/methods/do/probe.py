@@ -9,10 +9,11 @@ from the same pass as the run's own scores, keeps the top ``1 - γ`` of their st
 sub-model with the classifier's other entries zeroed, everything else as the run trained it.
 
 At the first decoupling the kept entries are exactly those a run with that reading freezes (its importance pass
-precedes any masking: tests/test_decoupled.py). Later the run and the reading diverge (the reading's retraining
-with those entries at zero and their re-initialisation are not simulated), so the probe isolates the effect the
-issue measured on the landed run: classifier rows and biases of the classes a stage does not train, pruned to
-near nothing because they are scored on the stage's images only.
+precedes any masking: tests/test_decoupled.py); the accuracy is not that run's: its retraining with those entries
+at zero (the rest of the network adapting to them) and their re-initialisation are not simulated, here or later.
+So the probe is a pessimistic estimate of the stricter readings, exact entries without retraining, which isolates
+the effect the issue measured on the landed run: classifier rows and biases of the classes a stage does not
+train, pruned to near nothing because they are scored on the stage's images only.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from torch import nn
 from ...compress.groups import channel_groups
 from ...options import build_dataclass
 from .options import PlasticityOptions
-from .surgery import duplicate
+from .surgery import duplicate, is_incoming
 from .twins import twin_report
 
 
@@ -44,13 +44,19 @@ class Plasticity:
        lowest-scoring channels are removed, never an exempt one (``exempt: pairs``, default: both members of the
        previous event's pairs, so the next event cannot overwrite a source before its copy has diverged;
        ``copies``: the copies only; ``none``), and the ``k`` highest-scoring remaining channels are duplicated
-       into the freed slots. ``pair_scores: rescale`` (default) first doubles the scores of the previous event's
-       pair members: the 50/50 split halved each member's outgoing weights and with them the gradient reaching its
-       incoming weights (``dL/da_c = W_out[:, c]^T dL/dz``), so raw scores rank a pair member at half a single
-       channel's importance; doubling restores the merged pair's score at the split (a fixed factor, not the
+       into the freed slots. ``pair_scores: lineage`` (default) first multiplies each channel's score by its
+       split factor ``f_c``: the 50/50 split halves a source's and its copy's outgoing weights, and with them the
+       gradient reaching their incoming weights (``dL/da_c = W_out[:, c]^T dL/dz``), so raw scores rank a split
+       channel at half a single channel's importance, and a channel split again at a quarter. ``f_c`` starts at 1;
+       at each duplication the source's doubles and its copy inherits it (a fixed factor per split, not the
        members' current outgoing shares, which would blow up the score of a member whose outgoing weights have
-       shrunk). Each event records ``pair_score_ratio``, the median raw score of those members over the layer's
-       median, which measures the bias.
+       shrunk). ``rescale`` doubles only the previous event's pair members (which ``exempt: pairs`` already keeps
+       from removal, so older splits stay deflated); ``raw`` ranks the raw scores. Each event records per layer
+       ``pair_score_ratio`` (the previous event's members' median raw score over the layer's median),
+       ``split_score_ratio`` (the same for the channels split at an earlier event) and ``split_outgoing_ratio``
+       (the split channels' median ``f_c · ||W_out[:, c]||`` over the never-split channels' median outgoing norm:
+       near 1 when the factor still matches what the split took, above 1 when their outgoing weights regrew),
+       which measure the bias and the correction.
     3. **Surgery**: :func:`.surgery.duplicate` (copy, fresh BN γ/β, split and weight scaling, momentum).
     4. **Twins** (:meth:`twins`): :func:`.twins.twin_report` before every event's surgery (``twins_before``:
        ``E_mod`` epochs after the previous event, whether its copies diverged), after it, and on request.
@@ -91,6 +97,7 @@ class Plasticity:
         self.window: list[torch.Tensor] | None = None
         self.window_steps = 0
         self.pairs = [(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)) for _ in self.groups]
+        self.split = [torch.ones(g.size, dtype=torch.float64) for g in self.groups]  # f_c: 2^(splits in lineage)
         incoming = {(s.module_name, s.tensor_name) for g in self.groups for s in g.slices
                     if s.module_name in g.producers and s.dim == 0}
         self.score_tensors = sorted(incoming)
@@ -178,18 +185,44 @@ class Plasticity:
         sources = descending[rest[descending]][:len(removed)]
         return torch.sort(removed[:len(sources)]).values, sources
 
-    def _rescaled(self, gi: int, raw: torch.Tensor) -> tuple[torch.Tensor, float | None]:
-        """The scores used for selection (``pair_scores``) and the measured ``pair_score_ratio``."""
-        members = torch.cat(self.pairs[gi])
-        if not len(members):
-            return raw, None
+    def _ratio(self, raw: torch.Tensor, members: torch.Tensor) -> float | None:
+        """Median raw score of ``members`` over the layer's median (None without members or a zero median)."""
         median = float(raw.median())
-        ratio = float(raw[members].median()) / median if median > 0 else None
-        if self.options.pair_scores == "raw":
-            return raw, ratio
+        return float(raw[members].median()) / median if len(members) and median > 0 else None
+
+    def _outgoing_norms(self, gi: int) -> torch.Tensor:
+        """Per channel of group ``gi``: the L2 norm of its outgoing weights over every consumer slice."""
+        g = self.groups[gi]
+        total = torch.zeros(g.size, dtype=torch.float64)
+        for s in g.slices:
+            if is_incoming(g, s):
+                continue
+            w = self._tensor(s.module_name, s.tensor_name).detach()
+            energy = w.index_select(s.dim, s.index.to(w.device)).double().pow(2).movedim(s.dim, 0)
+            total += (energy.flatten(1).sum(1) if energy.dim() > 1 else energy).cpu()
+        return total.sqrt()
+
+    def _rescaled(self, gi: int, raw: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The scores used for selection (``pair_scores``) and the bias measurements of the module docstring."""
+        last = torch.cat(self.pairs[gi])
+        factor = self.split[gi]
+        older = factor > 1
+        older[last] = False
+        split = factor > 1
+        out = self._outgoing_norms(gi)
+        single = float(out[~split].median()) if bool((~split).any()) else 0.0
+        stats = {"pair_score_ratio": self._ratio(raw, last),
+                 "split_score_ratio": self._ratio(raw, older.nonzero().flatten()),
+                 "split_channels": int(split.sum()),
+                 "split_outgoing_ratio": (float((factor[split] * out[split]).median()) / single
+                                          if bool(split.any()) and single > 0 else None)}
+        if self.options.pair_scores == "lineage":
+            return raw * factor, stats
+        if self.options.pair_scores == "raw" or not len(last):
+            return raw, stats
         scores = raw.clone()
-        scores[members] *= 2.0
-        return scores, ratio
+        scores[last] *= 2.0
+        return scores, stats
 
     @torch.no_grad()
     def event(self, optimizer: torch.optim.Optimizer | None = None,
@@ -202,12 +235,15 @@ class Plasticity:
         state = optimizer.state if optimizer is not None else {}
         layers, pairs = {}, []
         for gi, (g, s) in enumerate(zip(self.groups, raw)):
-            ranked, ratio = self._rescaled(gi, s)
+            ranked, bias = self._rescaled(gi, s)
             slots, sources = self.select(gi, ranked)
             scale = duplicate(self.model, g, slots, sources, state, self.options, self.generator) if len(slots) else {}
             pairs.append((slots.clone(), sources.clone()))
+            factor = self.split[gi]
+            factor[sources] *= 2.0
+            factor[slots] = factor[sources]
             layers[g.name] = {"duplicated": len(sources), "removed": len(slots), "width": g.size,
-                              "score": _summary(s), "pair_score_ratio": ratio,
+                              "score": _summary(s), **bias,
                               "removed_max": float(ranked[slots].max()) if len(slots) else None,
                               "duplicated_min": float(ranked[sources].min()) if len(sources) else None,
                               "scale": scale}
@@ -228,10 +264,12 @@ class Plasticity:
     def state_dict(self) -> dict:
         return {"window": None if self.window is None else [w.cpu() for w in self.window],
                 "window_steps": self.window_steps, "pairs": [(a.clone(), b.clone()) for a, b in self.pairs],
+                "split": [f.clone() for f in self.split],
                 "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.window = None if state["window"] is None else [w.to(self.device) for w in state["window"]]
         self.window_steps = state["window_steps"]
         self.pairs = [(a.cpu().long(), b.cpu().long()) for a, b in state["pairs"]]
+        self.split = [f.cpu().double() for f in state["split"]]
         self.generator.set_state(state["generator"].cpu())

@@ -10,8 +10,9 @@ whole method; this module decides *when*. In short (details and equations in the
    the weights' L1 norm at the event.
 2. **Events.** After epochs E_mod, 2·E_mod, … (``every_epochs``; the paper: 30 on CIFAR, 20 on ImageNet-LT), in
    every layer the ``floor(alpha · n)`` lowest-scoring channels are removed (never a member of the previous
-   event's pairs: ``exempt: pairs``; their scores doubled first, ``pair_scores: rescale``, since the 50/50 split
-   halved them) and the as many highest-scoring are duplicated into the freed slots; widths never change.
+   event's pairs: ``exempt: pairs``) and the as many highest-scoring are duplicated into the freed slots; widths
+   never change. Scores are multiplied first by each channel's split factor (``pair_scores: lineage``: 2 per
+   50/50 split in its lineage, which halved its outgoing weights and with them its gradient score).
 3. **Duplication.** The copy takes its source's incoming weights (``weight_noise``: plus noise) and running
    statistics, fresh BN γ and β drawn from the layer's own distribution (``copy_bn: layer``; ``perturb``: the
    source's plus ``N(0, bn_noise²)``) and zero momentum (the source's is kept, ``source_momentum``); the
@@ -81,6 +82,11 @@ class PlasticityMethod(Method):
     def event_after(self, epoch: int) -> bool:
         """An event runs at the end of 0-based ``epoch``."""
         return epoch + 1 in self.events
+
+    def selectable(self, epoch: int) -> bool:
+        """Not an epoch that ends in an event: its validation accuracy was measured before the surgery, so it does
+        not describe the model that a best-on-validation checkpoint would store."""
+        return not self.event_after(epoch)
 
     def scoring_step(self, ctx) -> bool:
         if self.options.ranking != "gradient" or not self.event_after(ctx.epoch):

@@ -26,7 +26,7 @@ class PlasticityOptions:
     weight_noise: float = bounded(0.0, 0.0)  # sigma of the copy's incoming-weight noise, x the source row's RMS
     source_momentum: str = choice("keep", "halve", default="keep")  # the source's momentum at a duplication
     exempt: str = choice("pairs", "copies", "none", default="pairs")  # the last event's channels kept from removal
-    pair_scores: str = choice("rescale", "raw", default="rescale")  # undo the 50/50 split's halving of the scores
+    pair_scores: str = choice("lineage", "rescale", "raw", default="lineage")  # undo the splits' halving of scores
     twin_cosine: float = bounded(0.99, 0.0, 1.0, high_open=True)  # incoming-weight cosine that makes a twin
     last_event_epoch: int | None = None  # no event after this epoch (1-based); None: before the first LR decay
 
@@ -40,7 +40,7 @@ def base_lr_end(train) -> int:
     last = train.epochs - 1
     if train.schedule == "step":
         inside = [m for m in train.milestones if m < train.epochs]
-        return min(last, inside[0] - 1) if inside else last
+        return min(last, min(inside) - 1) if inside else last
     if train.schedule == "cosine":
         return min(last, train.warmup_epochs + (train.epochs - train.warmup_epochs) // 2)
     return last

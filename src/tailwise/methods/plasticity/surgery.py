@@ -83,7 +83,7 @@ def duplicate(model: nn.Module, group: ChannelGroup, slots: torch.Tensor, source
                             b.index_copy_(0, dst, b.index_select(0, src))
             elif s.tensor_name == "weight" and options.weight_noise > 0:
                 rms = value.double().flatten(1).pow(2).mean(1).sqrt()
-                noise = _draw(value.numel(), generator).view(value.shape) * options.weight_noise
+                noise = _draw(value.numel(), generator).to(value.device).view(value.shape) * options.weight_noise
                 value = value + (noise * rms.view(-1, *[1] * (value.dim() - 1))).to(value.dtype)
             tensor.data.index_copy_(0, dst, value)
             for b in buffers:

@@ -199,3 +199,8 @@ def test_precision_auto_and_the_old_amp_key(tmp_path, monkeypatch):
     assert precision.resolve_precision("auto", cpu) == "bf16"
     with pytest.raises(ConfigError, match="needs a CUDA device"):
         precision.resolve_precision("fp16", cpu)
+    # bf16 asked for where it is not native: the run says so at the start (it is many times slower than fp32)
+    assert precision.precision_warning("bf16", cpu) is None and precision.precision_warning("fp32", cpu) is None
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    assert "without native bf16 kernels" in precision.precision_warning("bf16", cpu)
+    assert precision.precision_warning("fp32", cpu) is None

@@ -30,3 +30,14 @@ def resolve_precision(setting: str, device: torch.device) -> str:
     if setting == "fp16" and device.type != "cuda":
         raise ConfigError(f"train.precision=fp16 needs a CUDA device (this run is on {device.type}); use bf16 or auto")
     return setting
+
+
+def precision_warning(precision: str, device: torch.device) -> str | None:
+    """A warning when ``precision`` (resolved) is bf16 on a device without native bf16 kernels: there autocast
+    falls back to slow reference kernels (a ResNet-32 training step, batch 128, 1 thread, on an AMD EPYC without
+    AVX-512: 16.9 s in bf16 against 1.16 s in fp32, 2026-12-03)."""
+    if precision == "bf16" and not native_bf16(device):
+        return (f"warning: train.precision=bf16 on a {device.type} without native bf16 kernels (no AVX512-BF16 / "
+                "AMX): autocast falls back to slow kernels, measured 10-15x slower than fp32; use fp32, or auto "
+                "(bf16 only where it is native)")
+    return None

@@ -41,7 +41,7 @@ from ..atomic import atomic_write_json
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 from .log import MetricsLog, format_groups, progress_mode
 from .rundir import config_record, read_resume_checkpoint
-from .precision import DTYPES, resolve_precision
+from .precision import DTYPES, precision_warning, resolve_precision
 from .schedule import LRSchedule
 
 
@@ -93,6 +93,8 @@ class Trainer:
         self.mean, self.std = normalization(d.train, cfg.data, self.log)  # data.mean/std, else of the data
         self.schedule = LRSchedule.from_config(t)
         self.precision = resolve_precision(t.precision, self.device)
+        if (warning := precision_warning(self.precision, self.device)) is not None:
+            self.log(warning)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.train_loader = make_train_loader(d.train, cfg, self.mean, self.std, self.device, self.dist.rank,
                                               self.dist.world)

@@ -22,6 +22,7 @@ from tailwise.engine.trainer import Trainer
 from tailwise.methods import build_method, validate_method_config
 from tailwise.methods.plasticity import Plasticity, class_weights
 from tailwise.methods.plasticity.options import base_lr_end
+from tailwise.methods.plasticity.surgery import is_incoming
 from tailwise.methods.plasticity.twins import twin_layer, twin_report
 
 from test_engine import tiny_config, trainer_for
@@ -64,8 +65,7 @@ def kill_lowest(growth: Plasticity, scores: list[torch.Tensor]) -> None:
         for gi, (g, s) in enumerate(zip(growth.groups, scores)):
             slots, _ = growth.select(gi, s)
             for sl in g.slices:
-                incoming = (sl.module_name in g.producers and sl.dim == 0) or sl.module_name in g.norms
-                if not incoming:
+                if not is_incoming(g, sl):
                     tensor = getattr(growth.model.get_submodule(sl.module_name), sl.tensor_name)
                     tensor.index_fill_(sl.dim, sl.index[slots], 0.0)
 
@@ -327,7 +327,7 @@ def test_split_outgoing_ratio_measures_the_factor(tmp_path):
     g = growth.groups[0]
     with torch.no_grad():
         for sl in g.slices:
-            if not ((sl.module_name in g.producers and sl.dim == 0) or sl.module_name in g.norms):
+            if not is_incoming(g, sl):
                 w = getattr(growth.model.get_submodule(sl.module_name), sl.tensor_name)
                 cols = w.index_select(sl.dim, sl.index).movedim(sl.dim, 0)
                 cols = cols / cols.flatten(1).norm(dim=1).view(-1, *[1] * (cols.dim() - 1))

@@ -13,7 +13,7 @@ from torch import nn
 from ...compress.groups import channel_groups
 from ...options import build_dataclass
 from .options import PlasticityOptions
-from .surgery import duplicate, is_incoming
+from .surgery import column_energy, duplicate, is_incoming
 from .twins import twin_report
 
 
@@ -197,9 +197,7 @@ class Plasticity:
         for s in g.slices:
             if is_incoming(g, s):
                 continue
-            w = self._tensor(s.module_name, s.tensor_name).detach()
-            energy = w.index_select(s.dim, s.index.to(w.device)).double().pow(2).movedim(s.dim, 0)
-            total += (energy.flatten(1).sum(1) if energy.dim() > 1 else energy).cpu()
+            total += column_energy(self._tensor(s.module_name, s.tensor_name).detach(), s.dim, s.index).cpu()
         return total.sqrt()
 
     def _rescaled(self, gi: int, raw: torch.Tensor) -> tuple[torch.Tensor, dict]:

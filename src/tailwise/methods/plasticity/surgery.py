@@ -120,10 +120,14 @@ def _bn_affine(values: torch.Tensor, index: torch.Tensor, removed: torch.Tensor,
     return source
 
 
+def column_energy(weight: torch.Tensor, d: int, index: torch.Tensor) -> torch.Tensor:
+    """Per channel ``index`` of ``weight``'s dimension ``d``: the sum of its squared entries (float64)."""
+    energy = weight.index_select(d, index.to(weight.device)).double().pow(2).movedim(d, 0)
+    return energy.flatten(1).sum(1) if energy.dim() > 1 else energy
+
+
 def _scaling(weight: torch.Tensor, d: int, index: torch.Tensor, removed: torch.Tensor) -> float:
     """``s`` of the module docstring for one consumer tensor (its input dimension ``d``)."""
-    energy = weight.index_select(d, index).double().pow(2)
-    dims = [i for i in range(energy.dim()) if i != d]
-    per_channel = energy.sum(dim=dims) if dims else energy
+    per_channel = column_energy(weight, d, index)
     kept = per_channel[~removed.to(per_channel.device)].sum()
     return float((per_channel.sum() / kept).sqrt()) if kept > 0 else 1.0

@@ -124,9 +124,10 @@ def static_checks(page: Page) -> list[str]:
     return errors
 
 
-def chromium(exe: str, args: list[str], user_dir: str, timeout: int = 120) -> subprocess.CompletedProcess:
+def chromium(exe: str, args: list[str], user_dir: str) -> subprocess.CompletedProcess:
+    """Run the headless browser ``exe`` with ``args`` and the profile directory ``user_dir`` (at most 120 s)."""
     return subprocess.run([exe, *FLAGS, f"--user-data-dir={user_dir}", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=120)
 
 
 def main(argv=None) -> int:

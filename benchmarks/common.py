@@ -1,10 +1,11 @@
-"""Shared helpers of the benchmark scripts: timing, machine description, docs/benchmarks.md sections."""
+"""Shared helpers of the benchmark scripts: timing, machine description, run epochs, docs/benchmarks.md sections."""
 from __future__ import annotations
 
 import datetime
 import gc
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,11 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "src") not in sys.path:  # the scripts run from a checkout without an install, too
+    sys.path.insert(0, str(ROOT / "src"))
+
+from tailwise.atomic import atomic_write_text  # noqa: E402  (after the path set-up)
+
 DOCS = ROOT / "docs" / "benchmarks.md"
 DOCS_INTRO = ("# Benchmarks\n\nMeasured performance of tailwise; each section is written by the script named in it "
               "(`--write-docs`).\n")
@@ -24,10 +30,36 @@ def log(msg: str) -> None:
 
 
 def timed(fn) -> tuple[float, object]:
+    """``(seconds, result)`` of one call of ``fn``, after a garbage collection."""
     gc.collect()
     start = time.perf_counter()
     out = fn()
     return time.perf_counter() - start, out
+
+
+def median_time(fn, repeats: int, warmup: int = 0) -> float:
+    """Median seconds of ``repeats`` calls of ``fn``, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def first_own_epoch(result: dict | None) -> int:
+    """The first epoch a run trained itself, from its ``result.json`` (``None`` while it trains): 0, or for a run
+    branched from another run's checkpoint that checkpoint's epoch -- the next epoch to train; the branch's
+    ``metrics.jsonl`` starts with the source's records of the epochs before it
+    (:func:`tailwise.engine.branch.copy_source_metrics`)."""
+    return ((result or {}).get("branched_from") or {}).get("epoch", 0)
+
+
+def epoch_times(records: list[dict], first: int = 0) -> list[float]:
+    """The ``time_s`` (training + validation seconds) of the ``metrics.jsonl`` records of epoch ``first`` on."""
+    return [r["time_s"] for r in records if "time_s" in r and r["epoch"] >= first]
 
 
 def machine_lines(threads: int) -> list[str]:
@@ -65,10 +97,7 @@ def write_section(path: Path, section: str) -> None:
         before = "\n".join(lines[:start]).rstrip("\n")
         after = "\n".join(lines[end:]).strip("\n")
         body = (before + "\n\n" if before else "") + section.rstrip("\n") + "\n" + ("\n" + after + "\n" if after else "")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(body)
-    os.replace(tmp, path)
+    atomic_write_text(path, body)
 
 
 def publish(section: str, write_docs: bool) -> None:

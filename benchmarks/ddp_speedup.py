@@ -11,7 +11,6 @@ loss per epoch up to float rounding (they see the same global batches).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -21,6 +20,8 @@ from pathlib import Path
 import torch
 
 from common import log, machine_lines, publish, section_head
+
+from tailwise.engine.log import read_metrics
 
 HEADING = "## Data-parallel training: 1 vs N processes"
 
@@ -34,7 +35,7 @@ def train(recipe: str, overrides: list[str], out: Path, procs: int, threads: int
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", *args]
     log(" ".join(cmd))
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(out / "metrics.jsonl")
 
 
 def main() -> None:

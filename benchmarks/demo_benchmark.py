@@ -33,10 +33,9 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from common import ROOT, log, machine_lines, publish, section_head
+from common import epoch_times, first_own_epoch, log, machine_lines, publish, section_head
 
-if str(ROOT / "src") not in sys.path:
-    sys.path.insert(0, str(ROOT / "src"))
+from tailwise.engine.log import read_metrics
 
 TIME_SECTION = "## Demo: wall time of `tailwise demo`"
 PARITY_SECTION = "## Demo scale: bf16 against fp32"
@@ -54,12 +53,9 @@ def _load(run_dir: Path) -> dict:
 
 
 def _epoch_times(run_dir: Path) -> list[float]:
-    """The epoch times the run itself trained: a branch's metrics.jsonl starts with its source's records of the
-    epochs up to the branch checkpoint's, which it did not train."""
-    branched = _load(run_dir).get("branched_from")
-    first = branched["epoch"] + 1 if branched else 0
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r["time_s"] for r in map(json.loads, filter(None, lines)) if "time_s" in r and r["epoch"] >= first]
+    """The times of the epochs the finished run ``run_dir`` trained itself (a branch's metrics.jsonl starts with
+    its source's records, which it did not train)."""
+    return epoch_times(read_metrics(run_dir / "metrics.jsonl"), first_own_epoch(_load(run_dir)))
 
 
 # --------------------------------------------------------------------------------------------------- time

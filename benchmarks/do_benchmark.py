@@ -126,17 +126,17 @@ def stage_rows(methods: dict) -> list[str]:
     return rows
 
 
-def ms_per_image(model: torch.nn.Module, x: torch.Tensor, batch: int, repeats: int = 2) -> float:
-    """Median over ``repeats`` passes of the prediction time per image (batches of ``batch``), after one untimed
-    pass (one warm-up batch left the first model timed 25% slow: thread pool and oneDNN set-up)."""
+def ms_per_image(model: torch.nn.Module, x: torch.Tensor, batch: int) -> float:
+    """Prediction time per image in ms over ``x`` (batches of ``batch``): the slower of two timed passes, after one
+    untimed pass (one warm-up batch left the first model timed 25% slow: thread pool and oneDNN set-up)."""
     times = []
     with torch.no_grad():
-        for _ in range(repeats + 1):
+        for _ in range(3):
             start = time.perf_counter()
             for i in range(0, len(x), batch):
                 model(x[i:i + batch])
             times.append(1000 * (time.perf_counter() - start) / len(x))
-    return sorted(times[1:])[len(times[1:]) // 2]
+    return max(times[1:])
 
 
 def by_seed(paths: list[str], role: str) -> dict:

@@ -29,6 +29,7 @@ import torch
 from common import add_intro_option, machine_lines, one_precision, per_seed_text, publish, section_head, signed
 
 from tailwise.compress.cost import latency_report
+from tailwise.engine.log import read_metrics
 from tailwise.eval.report import (PairedDiff, Row, assign_baselines, group_rows, load_run, markdown_diffs,
                                   markdown_table, method_label, summarize)
 
@@ -113,8 +114,7 @@ def latency_lines(run_dir: Path) -> list[str]:
 
 
 def progress(path: Path) -> str:
-    metrics = path / "metrics.jsonl"
-    n = sum(1 for line in metrics.read_text().splitlines() if line.strip()) if metrics.is_file() else 0
+    n = len(read_metrics(path / "metrics.jsonl", skip_damaged=True))  # a line being written is no finished epoch
     return f"- `{path}`: " + (f"in progress, {n} epochs done" if n else "not started")
 
 

@@ -15,19 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
 
-
-def _timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from common import median_time
 
 
 def measure(steps: int = 12, threads: int = 1, batch: int = 128, epoch_steps: int = 97, device: str = "cpu") -> dict:
@@ -65,14 +57,14 @@ def measure(steps: int = 12, threads: int = 1, batch: int = 128, epoch_steps: in
         dense_step()  # warm-up
         ctx.epoch = 0  # epoch 0 ends with stage 1: the scoring window
         assert method.in_scoring_window(0)
-        dense = _timed(dense_step, steps)
-        window = _timed(hooks, steps * 4)
+        dense = median_time(dense_step, steps)
+        window = median_time(hooks, steps * 4)
         start = time.perf_counter()
         method.on_epoch_end(ctx, 0, None)  # stage 1: criteria, mixing, selection, masks
         stage = time.perf_counter() - start
         ctx.epoch = 1  # outside any scoring window, with pruned channels: masking only
         assert not method.in_scoring_window(1)
-        pruned = _timed(hooks, steps * 4)
+        pruned = median_time(hooks, steps * 4)
     worst = (epoch_steps * window + stage) / (epoch_steps * dense)
     return {"device": str(ctx.device), "threads": threads, "batch": batch, "dense_step_s": round(dense, 4),
             "hooks_scoring_window_s": round(window, 5), "hooks_after_pruning_s": round(pruned, 5),

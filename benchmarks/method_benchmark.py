@@ -32,21 +32,18 @@ import statistics
 import sys
 from pathlib import Path
 
-from common import (add_intro_option, fmt, machine_lines, one_precision, per_seed_text, publish, section_head,
-                    signed)
+from common import (add_intro_option, epoch_times, first_own_epoch, fmt, machine_lines, one_precision,
+                    per_seed_text, publish, section_head, signed)
 
+from tailwise.engine.log import read_metrics
 from tailwise.eval import report
 
 
 def load_run(path: Path) -> dict:
-    """``result.json`` (``None`` while training), the per-epoch records and the config's epoch count."""
-    records = []
-    metrics = path / "metrics.jsonl"
-    if metrics.is_file():
-        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    """The run directory ``path``, its ``result.json`` (``None`` while training) and its per-epoch records."""
     result = path / "result.json"
     return {"path": path, "result": json.loads(result.read_text()) if result.is_file() else None,
-            "records": records}
+            "records": read_metrics(path / "metrics.jsonl")}
 
 
 def method_label(result: dict) -> str:
@@ -62,14 +59,9 @@ def method_label(result: dict) -> str:
     return "dense" if m["name"] == "none" else f"+ {m['name']}"
 
 
-def first_own_epoch(run: dict) -> int:
-    """The first epoch the run trained itself: a branched run's ``metrics.jsonl`` starts with its source's records."""
-    return ((run["result"] or {}).get("branched_from") or {}).get("epoch", 0)
-
-
 def median_epoch_s(records: list[dict], first: int = 0) -> float | None:
-    """Median wall time of the epochs from ``first`` on."""
-    times = [r["time_s"] for r in records if "time_s" in r and r["epoch"] >= first]
+    """Median wall time of the epochs from ``first`` on; ``None`` without any."""
+    times = epoch_times(records, first)
     return statistics.median(times) if times else None
 
 
@@ -255,7 +247,7 @@ def main() -> None:
                 unfinished.append(f"`{path}` (epoch {run['records'][-1]['epoch'] + 1} finished)")
                 continue
             acc, cost = result["accuracy"], result["cost"]
-            first = first_own_epoch(run)  # the base over the same epochs: a branched run's own are its last ones
+            first = first_own_epoch(result)  # the base over the same epochs: a branched run's own are its last ones
             t, t_base = median_epoch_s(run["records"], first), median_epoch_s(base["records"], first)
             delta = ("", "") if is_base or base["result"] is None else (
                 f"{acc['all'] - base['result']['accuracy']['all']:+.2f}",

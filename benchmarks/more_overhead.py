@@ -10,35 +10,39 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
-import time
 
 import torch
+
+from common import median_time
 
 from tailwise.losses import build_loss
 from tailwise.methods.more import general_logits, more_loss, reparametrize
 from tailwise.models import build_model
 
+MODEL, NUM_CLASSES = "resnet32", 10
 
-def measure_overhead(steps: int = 6, threads: int = 1, batch: int = 128, device: str = "cpu",
-                     model_name: str = "resnet32", num_classes: int = 10) -> dict:
-    """Median seconds per training step of dense / base-only / MORE / MORE with a detached general pass."""
+
+def measure_overhead(steps: int = 6, threads: int = 1, batch: int = 128, device: str = "cpu") -> dict:
+    """Median seconds per training step (``steps`` timed after two warm-up steps) of ResNet-32 with 10 classes:
+    dense / base-only / MORE / MORE with a detached general pass."""
     torch.set_num_threads(threads)
     dev = torch.device(device)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, generator=g).to(dev)
-    y = torch.randint(0, num_classes, (batch,), generator=g).to(dev)
-    counts = [int(500 * 0.01 ** (i / (num_classes - 1))) for i in range(num_classes)]
+    y = torch.randint(0, NUM_CLASSES, (batch,), generator=g).to(dev)
+    counts = [int(500 * 0.01 ** (i / (NUM_CLASSES - 1))) for i in range(NUM_CLASSES)]
     loss_fn = build_loss("balanced_softmax", counts).to(dev)
     prior = torch.tensor(counts, dtype=torch.float32, device=dev)
     prior = prior / prior.sum()
-    dense = build_model(model_name, num_classes).to(dev).train()
+    dense = build_model(MODEL, NUM_CLASSES).to(dev).train()
     lowrank = copy.deepcopy(dense)
     reparametrize(lowrank, 0.1, "all", g)
-    amp = 2.0 * num_classes
+    amp = 2.0 * NUM_CLASSES
 
     def timed(model, alpha, detach):
+        """Median seconds of a training step of ``model`` with MORE weight ``alpha`` (0: the base loss only) and
+        the general pass without gradient if ``detach``."""
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
         def step():
@@ -49,19 +53,13 @@ def measure_overhead(steps: int = 6, threads: int = 1, batch: int = 128, device:
             opt.step()
             sync()
 
-        step(), step()  # warm-up
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return median_time(step, steps, warmup=2)
 
     dense_s = timed(dense, 0.0, False)
     base_s = timed(lowrank, 0.0, False)
     more_s = timed(lowrank, amp, False)
     detached_s = timed(lowrank, amp, True)
-    return {"device": str(dev), "threads": threads, "batch": batch, "model": model_name,
+    return {"device": str(dev), "threads": threads, "batch": batch, "model": MODEL,
             "dense_step_s": round(dense_s, 4), "lowrank_base_only_step_s": round(base_s, 4),
             "more_step_s": round(more_s, 4), "more_detached_step_s": round(detached_s, 4),
             "ratio_more_vs_base_only": round(more_s / base_s, 3), "ratio_more_vs_dense": round(more_s / dense_s, 3),

@@ -17,6 +17,7 @@ import yaml
 
 from common import add_intro_option, fmt, publish
 
+from tailwise.engine.log import read_metrics
 from tailwise.eval.report import summarize
 
 
@@ -36,8 +37,7 @@ def row(run_dir: Path, label: str) -> str:
         best_all = fmt(best.get("accuracy", {}).get("all")) + f" (ep {best['epoch'] + 1})" if best else "-"
         return (f"| {label} | {r['epochs']} | {fmt(a['many'])} | {fmt(a['medium'])} | {fmt(a['few'])} | **{fmt(a['all'])}** "
                 f"| {best_all} | {c['params']:,} | {c['F']:.1f} | {r['time_s'] / 60:.0f} |")
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()] \
-        if (run_dir / "metrics.jsonl").is_file() else []
+    records = read_metrics(run_dir / "metrics.jsonl")
     if not records:
         return f"| {label} | not started | | | | | | | | |"
     last = records[-1]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from tailwise.config import apply_overrides, config_from_dict, dump_config, load_config
+from tailwise.config import apply_overrides, config_from_dict, dotted_keys, dump_config, load_config
 from tailwise.errors import ConfigError
 from tailwise.recipes import list_recipes
 
@@ -66,3 +66,9 @@ def test_bundled_recipes_validate(name):
 
     cfg = load_config(name, demo_overrides() if name == "demo" else [])
     assert cfg.model.name in {"resnet20", "resnet32", "resnet50"}
+
+
+def test_dotted_keys_flattens_nested_mappings():
+    tree = {"train": {"lr": 0.1, "milestones": [160, 180]}, "method": {"name": "none"}, "top": 1}
+    assert dotted_keys(tree) == {"train.lr": 0.1, "train.milestones": [160, 180], "method.name": "none", "top": 1}
+    assert dotted_keys({"val": {"group_sizes": {"few": 3}}}, sep="/") == {"val/group_sizes/few": 3}

@@ -55,9 +55,10 @@ def test_time_table_reads_each_rep_by_name(monkeypatch, tmp_path):
     args = SimpleNamespace(reps=1, precisions=["default", "fp32"], note="", argv=["time"])
     text = script.measure_time(args)
     assert precisions == ["default", "fp32"]
-    # ltap branched after epoch 1: only its epoch 2 (4.0 s) counts, plus the dense 4.0 s
-    assert "| 1 | (none) | 190.0 | bf16 | 5 | 1 | 8.0 | 61.50 | 55.25 |" in text
-    assert "| 1 | fp32 | 10.0 | bf16 | 5 | 1 | 8.0 | 61.50 | 55.25 |" in text
+    # ltap branched from the epoch-1 checkpoint (saved after epoch 0; epoch 1 is the next to train): its own epochs
+    # are 1 and 2 (2.0 + 4.0 s), plus the dense 4.0 s
+    assert "| 1 | (none) | 190.0 | bf16 | 5 | 2 | 10.0 | 61.50 | 55.25 |" in text
+    assert "| 1 | fp32 | 10.0 | bf16 | 5 | 2 | 10.0 | 61.50 | 55.25 |" in text
     assert "Slowest run 190.0 s against the 180 s budget: **OVER**." in text
     assert "Slowest run with --precision fp32 10.0 s against the 180 s budget: **within**." in text
     assert "table 2" in text

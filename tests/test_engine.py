@@ -204,3 +204,46 @@ def test_precision_auto_and_the_old_amp_key(tmp_path, monkeypatch):
     monkeypatch.setattr(precision, "native_bf16", lambda device: False)
     assert "without native bf16 kernels" in precision.precision_warning("bf16", cpu)
     assert precision.precision_warning("fp32", cpu) is None
+
+
+def test_read_metrics_strict_and_skipping_damaged_lines(tmp_path):
+    from tailwise.engine.log import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    assert read_metrics(path) == []  # no file yet
+    path.write_text('{"epoch": 0}\n\n{"epoch": 1}\n')
+    assert read_metrics(path) == [{"epoch": 0}, {"epoch": 1}]
+    path.write_text('{"epoch": 0}\n[1]\n{"epoch": 1}\n{"epo')  # a non-record line, then a line cut by a kill
+    with pytest.raises(json.JSONDecodeError):
+        read_metrics(path)
+    assert read_metrics(path, skip_damaged=True) == [{"epoch": 0}, {"epoch": 1}]
+
+
+def test_metrics_log_mirrors_nested_numbers_to_tensorboard_tags(tmp_path):
+    from tailwise.engine.log import MetricsLog
+
+    class Writer:
+        def __init__(self):
+            self.scalars = {}
+
+        def add_scalar(self, tag, value, step):
+            self.scalars[tag] = (value, step)
+
+        def flush(self):
+            pass
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.writer = Writer()
+    record = {"epoch": 3, "lr": 0.1, "val": {"all": 50.0, "per_class": [1.0], "group_sizes": {"few": 2}}, "m": "x"}
+    log.write(record)
+    assert log.writer.scalars == {"lr": (0.1, 3), "val/all": (50.0, 3), "val/group_sizes/few": (2, 3)}
+    assert log.records() == [record]
+
+
+def test_format_groups_line():
+    from tailwise.engine.log import format_groups
+
+    acc = {"all": 61.2, "many": 80.1, "medium": None, "few": 40.25, "balanced": 60.0}
+    assert format_groups(acc) == "all 61.20 | many 80.10 | few 40.25"
+    assert format_groups(acc, balanced=True) == "all 61.20 | many 80.10 | few 40.25 | balanced 60.00"
+    assert format_groups(None) == format_groups({}) == "-"

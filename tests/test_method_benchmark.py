@@ -146,11 +146,37 @@ def test_a_branched_run_is_timed_on_its_own_epochs():
     """A branched run's metrics.jsonl starts with its source's records: only the epochs it trained count."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import method_benchmark as mb
+    from common import epoch_times, first_own_epoch
 
     records = [{"epoch": e, "time_s": t} for e, t in enumerate([10.0, 10.0, 10.0, 30.0, 50.0])]
-    branched = {"result": {"branched_from": {"epoch": 3}}, "records": records}
-    assert mb.first_own_epoch(branched) == 3
-    assert mb.median_epoch_s(records, mb.first_own_epoch(branched)) == 40.0  # epochs 3 and 4, not 10.0
-    assert mb.first_own_epoch({"result": {}, "records": records}) == 0
-    assert mb.first_own_epoch({"result": None, "records": records}) == 0  # still training
+    assert first_own_epoch({"branched_from": {"epoch": 3}}) == 3
+    assert epoch_times(records, 3) == [30.0, 50.0]
+    assert mb.median_epoch_s(records, 3) == 40.0  # epochs 3 and 4, not 10.0
+    assert first_own_epoch({}) == 0
+    assert first_own_epoch(None) == 0  # still training
     assert mb.median_epoch_s(records) == 10.0
+    assert mb.median_epoch_s(records, 5) is None
+
+
+def test_first_own_epoch_of_a_branch_written_as_a_run_writes_it(tmp_path):
+    """A branch's metrics.jsonl as a run writes it: the source's records of the epochs before the checkpoint's
+    epoch (the next epoch to train; ``copy_source_metrics``), then the branch's own. The benchmarks time exactly
+    the branch's own epochs, the first of them the checkpoint's epoch itself."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import epoch_times, first_own_epoch
+
+    from tailwise.engine.branch import copy_source_metrics
+    from tailwise.engine.log import read_metrics
+
+    source, branch = tmp_path / "dense", tmp_path / "ltap"
+    source.mkdir(), branch.mkdir()
+    (source / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "time_s": 1.0}) + "\n" for e in range(5)))
+    checkpoint_epoch = 2  # checkpoints/epoch_002.pt: saved after training epochs 0 and 1
+    copy_source_metrics(source, branch / "metrics.jsonl", checkpoint_epoch)
+    with open(branch / "metrics.jsonl", "a") as fh:  # the epochs the branch trained, timed differently
+        fh.write("".join(json.dumps({"epoch": e, "time_s": 7.0 + e, "pruning_stage": {}}) + "\n" for e in (2, 3, 4)))
+    records = read_metrics(branch / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [0, 1, 2, 3, 4]
+    first = first_own_epoch({"branched_from": {"epoch": checkpoint_epoch}})
+    assert first == 2 and all("pruning_stage" in r for r in records if r["epoch"] >= first)
+    assert epoch_times(records, first) == [9.0, 10.0, 11.0]

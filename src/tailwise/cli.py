@@ -5,6 +5,7 @@
     tailwise eval RUN_DIR [--json]
     tailwise data inspect [RECIPE.yaml] [key=value ...] [--json]
     tailwise data verify RECIPE.yaml [key=value ...] | --list FILE [--list FILE ...] --root DIR  [--workers N]
+    tailwise methods [NAME]
     tailwise recipes
     tailwise export RUN_DIR --onnx
     tailwise bench-latency RUN_DIR [--batch 1 128]
@@ -106,13 +107,14 @@ def _noise_note(dataset: dict) -> str:
 
 
 def cmd_eval(ns) -> int:
+    from .engine.log import format_groups
     from .eval.evaluate import evaluate_run
 
     acc = evaluate_run(Path(ns.run_dir))
     if ns.json:
         print(json.dumps(acc, indent=2))
     else:
-        print(" | ".join(f"{k} {acc[k]:.2f}" for k in ("all", "many", "medium", "few", "balanced") if acc.get(k) is not None))
+        print(format_groups(acc, balanced=True))
     return 0
 
 

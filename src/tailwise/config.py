@@ -145,12 +145,14 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "train
 RESUME_OVERRIDES = ("run.threads", "run.progress", "run.tensorboard", "run.keep_checkpoints")
 
 
-def dotted_keys(tree: dict, prefix: str = "") -> dict:
-    """A nested config mapping as dotted keys: ``{"train": {"lr": 0.1}}`` -> ``{"train.lr": 0.1}``."""
+def dotted_keys(tree: dict, prefix: str = "", sep: str = ".") -> dict:
+    """A nested mapping flattened to joined keys: ``{"train": {"lr": 0.1}}`` -> ``{"train.lr": 0.1}``; ``sep``
+    joins the keys (``"/"`` for TensorBoard tags), ``prefix`` starts every key. Values other than mappings,
+    lists included, are kept as they are."""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(dotted_keys(value, f"{prefix}{key}."))
+            flat.update(dotted_keys(value, f"{prefix}{key}{sep}", sep))
         else:
             flat[f"{prefix}{key}"] = value
     return flat

@@ -32,7 +32,7 @@ def layer_channels(model: nn.Module) -> dict[str, list[int]]:
     return out
 
 
-def save_model(model: nn.Module, directory: str | Path, preprocess: dict, classes: list[str], extra: dict | None = None) -> None:
+def save_model(model: nn.Module, directory: str | Path, preprocess: dict, classes: list[str]) -> None:
     from safetensors.torch import save
 
     directory = Path(directory)
@@ -40,7 +40,7 @@ def save_model(model: nn.Module, directory: str | Path, preprocess: dict, classe
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write_bytes(directory / "weights.safetensors", lambda fh: fh.write(save(state)))
     atomic_write_json(directory / "arch.json", {"format": ARCH_FORMAT, "model": model.arch, "preprocess": preprocess,
-                                                "classes": classes, "channels": layer_channels(model), **(extra or {})})
+                                                "classes": classes, "channels": layer_channels(model)})
 
 
 def _resize_to(model: nn.Module, state: dict) -> None:

@@ -39,9 +39,6 @@ class Registry(Generic[T]):
         """The registered names, sorted."""
         return sorted(self._entries)
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._entries
-
     def get(self, name: str) -> T:
         """The entry ``name``; ``error`` naming the allowed ones otherwise."""
         if name not in self._entries:

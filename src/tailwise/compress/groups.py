@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-IN, OUT = "in", "out"
-
 
 @dataclass
 class Slice:

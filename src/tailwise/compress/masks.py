@@ -20,6 +20,28 @@ from torch import nn
 from .groups import ChannelGroup
 
 
+def mask_grads(params, masks) -> None:
+    """Multiply the gradient of each of ``params`` by its mask, in one ``torch._foreach_mul_`` call; parameters
+    without a gradient are skipped."""
+    pairs = [(p.grad, m) for p, m in zip(params, masks) if p.grad is not None]
+    if pairs:
+        torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
+
+
+def mask_optimizer_state(optimizer: torch.optim.Optimizer, params, masks) -> None:
+    """Multiply every per-parameter state tensor of ``optimizer`` shaped like its parameter (momentum, ...) by the
+    parameter's mask, in one ``torch._foreach_mul_`` call; other state (step counts, ...) is left alone."""
+    states, state_masks = [], []
+    for p, m in zip(params, masks):
+        for value in optimizer.state.get(p, {}).values():
+            if torch.is_tensor(value) and value.shape == p.shape:
+                states.append(value)
+                state_masks.append(m)
+    if states:
+        with torch.no_grad():
+            torch._foreach_mul_(states, state_masks)
+
+
 @dataclass
 class _Decay:
     group: int
@@ -148,27 +170,11 @@ class ChannelMasks:
                 torch._foreach_mul_(tensors, masks)
 
     def enforce_grads(self) -> None:
-        tensors, masks = self._tensor_masks()
-        pairs = [(t.grad, m) for t, m in zip(tensors, masks) if t.grad is not None]
-        if pairs:
-            torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
+        mask_grads(*self._tensor_masks())
 
     def enforce_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Zero the pruned entries of every per-parameter state tensor of the same shape (momentum, ...)."""
-        tensors, masks = self._tensor_masks()
-        states, state_masks = [], []
-        for t, m in zip(tensors, masks):
-            for value in optimizer.state.get(t, {}).values():
-                if torch.is_tensor(value) and value.shape == t.shape:
-                    states.append(value)
-                    state_masks.append(m)
-        if states:
-            with torch.no_grad():
-                torch._foreach_mul_(states, state_masks)
-
-    def rebind(self, model: nn.Module) -> None:
-        """Point the masks at ``model`` (same architecture), e.g. after loading a checkpoint into a copy."""
-        self._model, self._pairs = model, None
+        mask_optimizer_state(optimizer, *self._tensor_masks())
 
     # ----------------------------------------------------------------------------------------- persistence
     def state_dict(self) -> dict:

@@ -5,8 +5,30 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import TrainingError
 from ..atomic import atomic_write_text
+from ..config import dotted_keys
+from ..errors import TrainingError
+
+
+def read_metrics(path: str | Path, skip_damaged: bool = False) -> list[dict]:
+    """The records of a ``metrics.jsonl`` (one JSON object per line, one line per epoch) in file order, blank lines
+    left out; ``[]`` when the file does not exist. A line that is not JSON raises ``json.JSONDecodeError``, unless
+    ``skip_damaged``: then it is left out, as is any line that is not a JSON object (a line cut by an interrupted
+    write, or one a running run is still writing)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in filter(str.strip, path.read_text().splitlines()):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if not skip_damaged:
+                raise
+            continue
+        if isinstance(record, dict) or not skip_damaged:
+            records.append(record)
+    return records
 
 
 class MetricsLog:
@@ -54,25 +76,14 @@ class MetricsLog:
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         if self.writer is not None:
-            for key, value in _flatten(record).items():
+            for key, value in dotted_keys(record, sep="/").items():
                 if isinstance(value, (int, float)) and key != "epoch":
                     self.writer.add_scalar(key, value, record["epoch"])
             self.writer.flush()
 
     def records(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-
-
-def _flatten(record: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in record.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}/"))
-        elif not isinstance(value, list):
-            out[f"{prefix}{key}"] = value
-    return out
+        """The records written so far (:func:`read_metrics`)."""
+        return read_metrics(self.path)
 
 
 def progress_mode(setting: str) -> str:
@@ -82,8 +93,10 @@ def progress_mode(setting: str) -> str:
     return "bar" if sys.stderr.isatty() else "log"
 
 
-def format_groups(acc: dict | None) -> str:
+def format_groups(acc: dict | None, balanced: bool = False) -> str:
+    """Accuracies as one line, ``all 61.20 | many 80.10 | medium 55.00 | few 40.30`` (``balanced`` adds
+    ``| balanced ...``); keys without a value are left out, no accuracies at all give ``-``."""
     if not acc:
         return "-"
-    parts = [f"{k} {acc[k]:.2f}" for k in ("all", "many", "medium", "few") if acc.get(k) is not None]
-    return " | ".join(parts)
+    keys = ("all", "many", "medium", "few") + (("balanced",) if balanced else ())
+    return " | ".join(f"{k} {acc[k]:.2f}" for k in keys if acc.get(k) is not None)

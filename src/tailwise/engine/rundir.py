@@ -205,8 +205,7 @@ def _remove_new_run(out: Path, created: bool, log: Callable[[str], None]) -> Non
 
 
 @contextlib.contextmanager
-def claim_run_dir(cfg: Config, out: str | os.PathLike, resume: bool, dist,
-                  log: Callable[[str], None] = _stderr) -> Iterator[dict | None]:
+def claim_run_dir(cfg: Config, out: str | os.PathLike, resume: bool, dist) -> Iterator[dict | None]:
     """Hold the run directory ``out`` for one run. Rank 0 of a data-parallel job (``dist``,
     :class:`~tailwise.engine.dist.Dist`) does the file work; every process gets its outcome.
 
@@ -219,7 +218,7 @@ def claim_run_dir(cfg: Config, out: str | os.PathLike, resume: bool, dist,
     out, lock, created, failed = Path(out), None, False, None
     if dist.is_main:
         try:
-            lock, created = _claim(cfg, out, resume, log)
+            lock, created = _claim(cfg, out, resume, _stderr)
         except TailwiseError as exc:
             failed = exc
     if dist.any(failed is not None):
@@ -228,7 +227,7 @@ def claim_run_dir(cfg: Config, out: str | os.PathLike, resume: bool, dist,
         yield read_resume_checkpoint(out, cfg) if resume and (out / LAST).is_file() else None
     except BaseException:
         if dist.is_main and not resume and not (out / LAST).is_file():
-            _remove_new_run(out, created, log)
+            _remove_new_run(out, created, _stderr)
         raise
     finally:
         if lock is not None:

@@ -31,9 +31,3 @@ class LRSchedule:
             t = min(1.0, (epoch - self.warmup_epochs) / span)
             return self.min_lr + (self.lr - self.min_lr) * (1 + math.cos(math.pi * t)) / 2
         return self.lr
-
-    def apply(self, optimizer, epoch: int) -> float:
-        lr = self(epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        return lr

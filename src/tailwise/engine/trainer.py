@@ -279,7 +279,8 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict:
         ctx, t = self.ctx, self.cfg.train
         ctx.epoch = epoch
-        lr = self.schedule.apply(ctx.optimizer, epoch)
+        lr = self.schedule(epoch)
+        ctx.set_lr(lr)
         self.loss_fn.set_epoch(epoch)
         if self.train_loader.position == 0:
             self.method.on_epoch_start(ctx, epoch)

@@ -173,7 +173,7 @@ def kernel_grid(structure: list, weights: dict, layer: str | None = None):
     return layer, grid
 
 
-def kernel_mask(run, path: Path, layer: str | None = None) -> Path | None:
+def kernel_mask(run, path: Path) -> Path | None:
     """The kernel-mask view of one layer (like the LTAP paper's Figure 2): which kernels (output x input
     channel) survive, coloured by their L2 norm in the deployed model; removed kernels grey."""
     import numpy as np
@@ -183,7 +183,7 @@ def kernel_mask(run, path: Path, layer: str | None = None) -> Path | None:
         return None
     from safetensors.torch import load_file
 
-    found = kernel_grid(run.structure, load_file(str(weights_file)), layer)
+    found = kernel_grid(run.structure, load_file(str(weights_file)))
     if found is None:
         return None
     layer, grid = found

@@ -49,7 +49,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+from ..atomic import atomic_write_text
 from ..config import RESUME_OVERRIDES, dotted_keys
+from ..engine.log import read_metrics
 from ..errors import TailwiseError
 
 LOSS_LABELS = {"ce": "CE", "focal": "Focal", "class_balanced": "CB", "balanced_softmax": "BS",
@@ -201,8 +203,7 @@ def load_run(run_dir: Path) -> RunData:
         raise ValueError(f"{run_dir}: not a directory")
     rfile = run_dir / "result.json"
     if not rfile.is_file():
-        mfile = run_dir / "metrics.jsonl"
-        n = sum(1 for line in mfile.read_text().splitlines() if line.strip()) if mfile.is_file() else 0
+        n = len(read_metrics(run_dir / "metrics.jsonl", skip_damaged=True))
         why = f"unfinished: metrics.jsonl has {n} epochs" if n else "run unfinished or not a tailwise run directory"
         raise ValueError(f"{run_dir}: no result.json ({why})")
     try:
@@ -217,16 +218,7 @@ def load_run(run_dir: Path) -> RunData:
             raise ValueError(f"{rfile}: malformed (no numeric {a}.{b})")
         if v is not None and not isinstance(v, (int, float)):
             raise ValueError(f"{rfile}: malformed ({a}.{b} is not a number)")
-    metrics = []
-    mfile = run_dir / "metrics.jsonl"
-    if mfile.is_file():
-        for line in mfile.read_text().splitlines():
-            try:
-                rec = json.loads(line) if line.strip() else None
-            except json.JSONDecodeError:
-                rec = None  # a line cut by an interrupted write; the rest is still useful
-            if isinstance(rec, dict):
-                metrics.append(rec)
+    metrics = read_metrics(run_dir / "metrics.jsonl", skip_damaged=True)  # a line cut by a kill: use the rest
     arch = None
     afile = run_dir / "model" / "arch.json"
     if afile.is_file():
@@ -714,12 +706,6 @@ def make_plots(rows: list[Row], plot_dir: Path) -> list[tuple[str, Path]]:
     return out
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def load_runs(run_dirs: list, baseline: str | Path | None, warn: Callable[[str], None]) -> tuple:
     """``(runs, baseline run or None, warnings)``: each directory loaded once, the baseline first; unreadable
     runs skipped with a warning. Raises TailwiseError when the baseline or every run is unreadable."""
@@ -777,14 +763,14 @@ def build_report(run_dirs: list, out: Path, baseline: str | Path | None = None,
     md_table = markdown_table(rows) + (f"\n{markdown_diffs(pairs)}" if pairs else "")
     files = {"table.md": out / "table.md", "table.csv": out / "table.csv", "report.md": out / "report.md",
              "report.html": out / "report.html"}
-    _atomic_write(files["table.md"], md_table)
+    atomic_write_text(files["table.md"], md_table)
     write_csv(runs, files["table.csv"])
     md = ["# tailwise report", "", md_table]
     if warnings:
         md += ["Skipped runs:", ""] + [f"- {w}" for w in warnings] + [""]
     md += [f"![{t}](plots/{p.name})" for t, p in plots]
-    _atomic_write(files["report.md"], "\n".join(md) + "\n")
-    _atomic_write(files["report.html"], html_page(rows, pairs, plots, warnings))
+    atomic_write_text(files["report.md"], "\n".join(md) + "\n")
+    atomic_write_text(files["report.html"], html_page(rows, pairs, plots, warnings))
     return {"runs": runs, "rows": rows, "diffs": pairs, "warnings": warnings, "files": files, "plots": plots}
 
 

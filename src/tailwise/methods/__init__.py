@@ -118,8 +118,9 @@ def validate_method_config(raw: Any, cfg=None) -> dict:
 
 
 def build_method(config: dict) -> Method:
+    """The method a validated ``method`` section (``name`` plus that method's options) describes."""
     config = dict(config)
-    cls = METHODS.get(config.pop("name"))
+    cls = method_class(config.pop("name"))
     return cls(build_dataclass(cls.Options, config, "method"))
 
 

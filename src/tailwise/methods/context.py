@@ -104,7 +104,8 @@ class MethodContext:
 
     def set_lr(self, lr: float) -> None:
         """Set the base learning rate: every parameter group gets ``lr`` times its ``lr_scale`` (1 unless a method
-        set one), as the trainer's schedule does (a method that owns its schedule, e.g. DO)."""
+        set one). The trainer sets each epoch's scheduled rate with it; a method that owns its schedule (e.g. DO)
+        calls it too."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
 

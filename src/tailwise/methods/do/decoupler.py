@@ -46,7 +46,7 @@ class Decoupler:
     """Freeze masks over ``model``'s decoupled tensors (:func:`~.masks.decoupled_parameters` less ``exempt``),
     ranked within each tensor (``rank_scope="layer"``) or over all (``"global"``)."""
 
-    def __init__(self, model: nn.Module, rank_scope: str = "layer", exempt: str = "none"):
+    def __init__(self, model: nn.Module, rank_scope: str = "layer", exempt: str = "classifier"):
         self.model, self.rank_scope = model, rank_scope
         self.params = decoupled_parameters(model, exempt)
         self.masks = FreezeMasks(self.params)

@@ -17,6 +17,8 @@ import math
 import torch
 from torch import nn
 
+from ...compress.masks import mask_grads, mask_optimizer_state
+
 EXEMPT = ("classifier", "classifier_bias", "none")
 _NORM = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
@@ -100,9 +102,7 @@ class FreezeMasks:
         """After backward: zero the gradients of frozen and pruned entries."""
         if not self.active:
             return
-        pairs = [(p.grad, m) for (_, p), m in zip(self.params, self.free_f) if p.grad is not None]
-        if pairs:
-            torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
+        mask_grads((p for _, p in self.params), self.free_f)
 
     @torch.no_grad()
     def enforce(self, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -113,16 +113,8 @@ class FreezeMasks:
         tensors = [p.data for _, p in self.params]
         torch._foreach_mul_(tensors, self.free_f)
         torch._foreach_add_(tensors, self.frozen_values)
-        if optimizer is None:
-            return
-        states, masks = [], []
-        for (_, p), m in zip(self.params, self.free_f):
-            for value in optimizer.state.get(p, {}).values():
-                if torch.is_tensor(value) and value.shape == p.shape:
-                    states.append(value)
-                    masks.append(m)
-        if states:
-            torch._foreach_mul_(states, masks)
+        if optimizer is not None:
+            mask_optimizer_state(optimizer, (p for _, p in self.params), self.free_f)
 
     @torch.no_grad()
     def freeze(self, kept: list[torch.Tensor], stage: int) -> None:

@@ -40,10 +40,10 @@ def build_ensembles(ctx, submodels: list[dict], modes, settings: dict) -> dict[s
     return out
 
 
-def cost_report(ctx, ensemble: SubModelEnsemble, split: str = "test") -> dict:
-    """:func:`~tailwise.models.ensemble.aggregation_report` over ``split`` ({} without it)."""
-    batches = split_batches(ctx, split)
+def cost_report(ctx, ensemble: SubModelEnsemble) -> dict:
+    """:func:`~tailwise.models.ensemble.aggregation_report` over the test split ({} without it)."""
+    batches = split_batches(ctx, "test")
     if batches is None:
         return {}
     sync = (lambda: torch.cuda.synchronize(ctx.device)) if ctx.device.type == "cuda" else (lambda: None)
-    return {**aggregation_report(ensemble, batches, ctx.data.groups.membership, sync), "split": split}
+    return {**aggregation_report(ensemble, batches, ctx.data.groups.membership, sync), "split": "test"}

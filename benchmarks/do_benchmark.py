@@ -5,15 +5,19 @@
 
 Runs are matched by their seed (``result.json``); all must share one precision. Rows: each baseline (one
 network: ``--baseline``, e.g. Balanced Softmax, and ``--randaugment``, the same with RandAugment, DO's
-augmentation) and the DO runs' sub-model ensembles under every aggregation -- ``average`` (the paper's "Ours wo
-TTL"), ``instance`` (instance-level test-time learning, Eq. 5: "Ours") and ``group`` (SADE-style weights learned
-on the unlabelled test images) -- with many / medium / few / all test accuracy as mean ± sample sd over the seeds
-(the DO run's ``result.json`` has every aggregation: ``method.final.test_by_aggregation``), then every sub-model
-alone on the whole test split (Table 7's per-stage view). The prediction cost per image of each row is timed here
-on the same test images with the first seed's deployed models (``model/``), so the ratios are comparable within
-one run of this script. Then the paired differences seed by seed (every DO row against every baseline, each
-seed's own difference on Few and All), the issue's goals per seed, the per-stage validation accuracies of every
-DO run (after collaborative optimisation; the new sub-model with the retraining's BatchNorm statistics, and with
+augmentation), then for each reading of the sub-models' logits -- prior-corrected (``method.prior_correction:
+sampler``, the default: each sub-model's logits minus the log label distribution of its stage's sampler, rebuilt
+from the run's plan, so runs trained before the option are measured the same way) and raw (``none``, the paper)
+-- every sub-model alone (Table 7's per-stage view) and the ensemble under every aggregation: ``average`` (the
+paper's "Ours wo TTL"), ``instance`` (instance-level test-time learning, Eq. 5: "Ours") and ``group``
+(SADE-style weights learned on the unlabelled test images). Everything is recomputed here from the deployed
+sub-models (``model/``) on the whole test split, each member's logits on the images and on both test-time views
+computed once (:func:`member_logits`), as many / medium / few / all accuracy, mean ± sample sd over the seeds.
+The prediction cost per image of each row is timed on the same test images with the first seed's deployed
+models, so the ratios are comparable within one run of this script (a prior correction costs nothing). Then the
+paired differences seed by seed (the aggregations and sub-model 1 against every baseline, each seed's own
+difference on Few and All), the issue's goals per seed, the per-stage validation accuracies of every DO run
+(after collaborative optimisation; the new sub-model with the retraining's BatchNorm statistics, and with
 recomputed ones; the ``exempt_probe`` readings), the mean instance-level weight of each sub-model per class group
 of the true label (Table 9), and the first seed's validation accuracy of instance-level test-time learning at
 several step sizes (the paper gives none).
@@ -58,25 +62,57 @@ def eval_splits(run_dir: Path):
     return tensors(data.test), tensors(data.val) if data.val is not None else None, data.groups
 
 
-@torch.no_grad()
-def members_and_weights(ensemble, x: torch.Tensor, y: torch.Tensor, groups, batch: int) -> tuple[list, dict]:
-    """Test accuracy of every sub-model alone (Table 7's per-stage rows) and, under instance-level test-time
-    learning, the mean weight lambda_t per class group of the true label (Table 9), over the whole test split."""
-    from tailwise.eval.metrics import summarize
+def run_log_priors(result: dict) -> list[list[float]]:
+    """``prior_correction: sampler``'s log prior of every sub-model of a DO run, rebuilt from its ``result.json``
+    (the stage plan, the class counts, ``rho_m`` and ``few_sampler``): also for runs trained before the option."""
+    from tailwise.methods.do.plan import Stage, stage_log_prior
 
-    preds = [[] for _ in ensemble.members]
-    lams = []
-    instance = ensemble.with_aggregation("instance")
+    m, counts = result["method"], result["dataset"]["class_counts"]
+    labels = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    return [stage_log_prior(Stage(s["kind"], s["group"], s["classes"], s["epochs"], s["start_epoch"], s["lr"],
+                                  s["gamma"]), labels, m["rho_m"], m.get("few_sampler", "per_image")).tolist()
+            for s in m["plan"]]
+
+
+@torch.no_grad()
+def member_logits(ensemble, x: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The raw logits (``T x N x K``) of every member on ``x`` and on the two test-time views of each batch of
+    ``batch`` images (the views :func:`~tailwise.models.ensemble.aggregate` would draw for that batch), computed
+    once so that every aggregation and prior correction is evaluated on the same passes."""
+    from tailwise.models.ensemble import batch_views
+
+    s = ensemble.settings
+    clean, view1, view2 = [], [], []
     for i in range(0, len(x), batch):
         xb = x[i:i + batch]
-        for t, member in enumerate(ensemble.members):
-            preds[t].append(member(xb).argmax(1))
-        lams.append(instance.forward_with_weights(xb)[1])
-    alone = [summarize(torch.cat(p), y, groups) for p in preds]
-    lam = torch.cat(lams).double()
+        v1, v2 = batch_views(xb, s["padding"], s["flip"], s["seed"])
+        for out, v in ((clean, xb), (view1, v1), (view2, v2)):
+            out.append(torch.stack([m(v).float() for m in ensemble.members]))
+    return tuple(torch.cat(parts, 1) for parts in (clean, view1, view2))
+
+
+def evaluate_cached(logits, log_priors, settings: dict, y: torch.Tensor, groups, batch: int) -> dict:
+    """Test accuracy of every member alone and of every aggregation, from :func:`member_logits` with each member's
+    logits minus its log prior (none: ``log_priors`` None), and Table 9's mean instance weight per class group of
+    the true label. The same computations as :class:`SubModelEnsemble` (tests check it), on cached logits."""
+    from tailwise.eval.metrics import summarize
+    from tailwise.models.ensemble import group_weights, instance_weights
+
+    offsets = torch.tensor(log_priors).unsqueeze(1) if log_priors is not None else 0.0
+    z, v1, v2 = (t - offsets for t in logits)
+    p1, p2 = v1.softmax(-1), v2.softmax(-1)
+    steps, lr, floor = settings["steps"], settings["lr"], settings["floor"]
+    lam_instance = instance_weights(p1, p2, steps, lr, floor)  # per image: the batching does not matter
+    chunks = [(p1[:, i:i + batch], p2[:, i:i + batch]) for i in range(0, z.shape[1], batch)]
+    lam_group = group_weights(chunks, steps, lr, floor).expand(z.shape[1], -1)
+    out = {"members": [summarize(zt.argmax(1), y, groups) for zt in z],
+           "average": summarize(z.mean(0).argmax(1), y, groups)}
+    for mode, lam in (("instance", lam_instance), ("group", lam_group)):
+        out[mode] = summarize((lam.t().unsqueeze(2) * z).sum(0).argmax(1), y, groups)
     member = torch.tensor([groups.membership[int(c)] == g for g in ("many", "medium", "few") for c in y]).view(3, -1)
-    weights = {g: lam[m].mean(0).tolist() for g, m in zip(("many", "medium", "few"), member) if m.any()}
-    return alone, weights
+    out["lambda"] = {g: lam_instance[m].double().mean(0).tolist() for g, m in zip(("many", "medium", "few"), member)
+                     if m.any()}
+    return out
 
 
 @torch.no_grad()
@@ -199,13 +235,20 @@ def main(argv=None) -> None:
     for mode in AGGREGATIONS:
         cost[mode] = ms_per_image(ensemble0.with_aggregation(mode, group_lambda=lam_group), x, ns.batch)
         log(f"{mode}: {cost[mode]:.3f} ms / image")
-    alone, lams = {}, {}
+    CORRECTIONS = {"sampler": "prior-corrected (default)", "none": "raw logits (paper)"}
+    measured = {}  # seed -> correction -> evaluate_cached(...)
     dtype = DTYPES.get(precision)  # the runs' own evaluation precision ('-': none recorded, full precision)
     with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        for seed, (path, _) in dos.items():
-            log(f"seed {seed}: sub-models alone and instance weights on {len(x_all)} test images ({precision})")
-            alone[seed], lams[seed] = members_and_weights(load_model(path), x_all, y_all, groups, ns.batch)
-        strength = tta_strength(ensemble0, *val, groups) if val is not None else []
+        for seed, (path, result) in dos.items():
+            log(f"seed {seed}: every sub-model on {len(x_all)} test images and two views ({precision})")
+            ensemble = load_model(path)
+            logits = member_logits(ensemble, x_all, ns.batch)
+            priors = {"sampler": run_log_priors(result), "none": None}
+            measured[seed] = {c: evaluate_cached(logits, priors[c], ensemble.settings, y_all, groups, ns.batch)
+                              for c in CORRECTIONS}
+        priors0 = run_log_priors(do0)
+        strength = tta_strength(ensemble0.with_aggregation("instance", log_priors=priors0), *val, groups) \
+            if val is not None else []
 
     seeds = ", ".join(map(str, dos))
     rows = [f"| Method | Aggregation | Seeds | {' | '.join(g.capitalize() for g in GROUPS)} | Prediction ms / image "
@@ -218,41 +261,45 @@ def main(argv=None) -> None:
         rows.append(f"| {name} | one network | {', '.join(map(str, runs))} | "
                     + " | ".join(mean_cells(list(accuracy[name].values()))) + f" | {cost['baseline']:.3f} | 1.00 |")
     n_members = len(ensemble0.members)
-    for t in range(n_members):
-        what = ("the whole final network" if t == n_members - 1 else "frozen entries of stage 1" if t == 0
-                else f"frozen entries of stages 1-{t + 1}")
-        accuracy[f"DO sub-model {t + 1} alone"] = {s: alone[s][t] for s in dos}
-        rows.append(f"| DO sub-model {t + 1} alone ({what}) | - | {seeds} | "
-                    + " | ".join(mean_cells([alone[s][t] for s in dos])) + " | - | - |")
-    for mode in AGGREGATIONS:
-        per_seed = {s: (r["method"].get("final", {}).get("test_by_aggregation") or
-                        {r["method"]["aggregation"]: r["accuracy"]}).get(mode) for s, (_, r) in dos.items()}
-        per_seed = {s: a for s, a in per_seed.items() if a is not None}
-        if not per_seed:
-            continue
-        accuracy[f"DO, {mode}"] = per_seed
-        rows.append(f"| DO ({n_members} sub-models, {do0['epochs']} ep) | {LABELS[mode]} | "
-                    f"{', '.join(map(str, per_seed))} | " + " | ".join(f"**{c}**" if k == "all" else c for k, c in
-                                                                        zip(GROUPS, mean_cells(list(per_seed.values()))))
-                    + f" | {cost[mode]:.3f} | {cost[mode] / cost['baseline']:.2f} |")
+    for correction, label in CORRECTIONS.items():
+        suffix = "" if correction == "sampler" else ", raw logits"
+        for t in range(n_members):
+            what = ("the whole final network" if t == n_members - 1 else "frozen entries of stage 1" if t == 0
+                    else f"frozen entries of stages 1-{t + 1}")
+            per_seed = {s: measured[s][correction]["members"][t] for s in dos}
+            accuracy[f"DO sub-model {t + 1} alone{suffix}"] = per_seed
+            rows.append(f"| DO sub-model {t + 1} alone ({what}) | {label} | {seeds} | "
+                        + " | ".join(mean_cells(list(per_seed.values()))) + " | - | - |")
+        for mode in AGGREGATIONS:
+            per_seed = {s: measured[s][correction][mode] for s in dos}
+            accuracy[f"DO, {mode}{suffix}"] = per_seed
+            rows.append(f"| DO ({n_members} sub-models, {do0['epochs']} ep) | {LABELS[mode]}, {label} | {seeds} | "
+                        + " | ".join(f"**{c}**" if k == "all" else c
+                                     for k, c in zip(GROUPS, mean_cells(list(per_seed.values()))))
+                        + f" | {cost[mode]:.3f} | {cost[mode] / cost['baseline']:.2f} |")
     refs = [name for name in accuracy if not name.startswith("DO")]
     diffs = ["Paired differences, Row − Reference (percentage points, test set): the mean over the seeds both have, "
              "then each seed's own:", "", "| Row | Reference | n | Few | Few, per seed | All | All, per seed |",
              "|---|---|---:|---:|---|---:|---|"]
     diffs += [seed_diffs(name, accuracy[name], ref, accuracy[ref])
-              for name in accuracy if name.startswith("DO") for ref in refs]
+              for name in accuracy if name.startswith("DO,") or name.startswith("DO sub-model 1 alone")
+              for ref in refs]
     goals = ["", "The issue's goals, seed by seed: sub-model 1 alone ≥ 58% All; DO (instance-level test-time learning, "
              "the paper's \"Ours\") at least level with the RandAugment baseline on All, with a higher Few:", ""]
     ra = next((accuracy[n] for n in refs if "RandAugment" in n), None)
-    ours = accuracy.get("DO, instance", {})
     for s in dos:
-        sub1 = alone[s][0]["all"]
-        line = f"- seed {s}: sub-model 1 alone {sub1:.2f} ({'met' if sub1 >= 58 else 'not met'})"
-        if ra is not None and s in ra and s in ours:
-            level = ours[s]["all"] >= ra[s]["all"] and ours[s]["few"] > ra[s]["few"]
-            line += (f"; DO All {ours[s]['all']:.2f} vs {ra[s]['all']:.2f}, Few {ours[s]['few']:.2f} vs "
-                     f"{ra[s]['few']:.2f} ({'met' if level else 'not met'})")
-        goals.append(line)
+        parts = []
+        for correction, label in CORRECTIONS.items():
+            m = measured[s][correction]
+            sub1, ours = m["members"][0]["all"], m["instance"]
+            part = f"{label}: sub-model 1 alone {sub1:.2f} ({'met' if sub1 >= 58 else 'not met'})"
+            if ra is not None and s in ra:
+                level = ours["all"] >= ra[s]["all"] and ours["few"] > ra[s]["few"]
+                part += (f", DO All {ours['all']:.2f} vs {ra[s]['all']:.2f}, Few {ours['few']:.2f} vs "
+                         f"{ra[s]['few']:.2f} ({'met' if level else 'not met'})")
+            parts.append(part)
+        goals.append(f"- seed {s}: " + "; ".join(parts))
+    lams = {s: measured[s]["sampler"]["lambda"] for s in dos}
     lines = [*section_head(f"## {ns.section}", "benchmarks/do_benchmark.py",
                           sys.argv[1:] if argv is None else argv),
              *([ns.intro, ""] if ns.intro else []), *machine_lines(ns.threads),
@@ -260,7 +307,7 @@ def main(argv=None) -> None:
              f"{ns.batch}, the seed-{seed0} models", "", *rows, "", *diffs, *goals, "", *stage_rows(
                  {s: r["method"] for s, (_, r) in dos.items()})]
     lines += ["", "Mean instance-level weight lambda_t per class group of the true label (Table 9), over the whole test "
-              "split, computed here from the deployed sub-models:", "",
+              "split, computed here from the deployed sub-models (prior-corrected):", "",
               "| Seed | Group | " + " | ".join(f"lambda_{t + 1}" for t in range(n_members)) + " |",
               "|---:|---|" + "---:|" * n_members,
               *(f"| {s} | {g} | " + " | ".join(f"{v:.3f}" for v in vals) + " |"

@@ -111,6 +111,20 @@ def test_group_preferred_exact_share_per_batch(rho, batch):
         assert first != sorted(first, reverse=True)
 
 
+@pytest.mark.parametrize("kind", ["instance", "class_balanced", "sqrt", "inverse", "group_preferred"])
+def test_label_distribution_is_what_the_sampler_draws(kind):
+    """The declared training prior against the labels actually drawn over one epoch of 20,000 draws (batch 100,
+    so rho * B is exact and the group-preferred share is rho itself)."""
+    labels = skewed_labels(COUNTS)
+    s = Sampler(labels, kind, seed=4, batch_size=100, rho=0.3, group_classes=[2, 3])
+    prior = s.label_distribution()
+    assert prior.dtype == torch.float64 and float(prior.sum()) == pytest.approx(1.0)
+    drawn = torch.bincount(labels[s.epoch_indices(0)], minlength=4).tolist()
+    assert chi_square(drawn, (len(labels) * prior).tolist()) < CHI2_3_999
+    if kind == "group_preferred":  # by hand: 30% from classes 2-3 by their counts, 70% from 0-1 by theirs
+        assert prior.tolist() == pytest.approx([0.7 * 15 / 19, 0.7 * 4 / 19, 0.3 * 0.8, 0.3 * 0.2])
+
+
 def test_group_preferred_errors():
     labels = skewed_labels([10, 10])
     with pytest.raises(ValueError):

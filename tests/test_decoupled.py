@@ -474,14 +474,47 @@ def test_exempt_classifier_is_whole_in_every_submodel(full_run):
         assert bool((sub["fc.weight"] != 0).all()) and bool((sub["fc.bias"] != 0).all())
 
 
-def test_predict_is_the_aggregation_of_submodels_and_live_network(full_run):
-    trainer, _ = full_run
+def stage_priors_by_hand(counts, medium, rho=0.7) -> list[torch.Tensor]:
+    """The label distribution of each default stage's sampler from the class counts alone: instance (N_y / N),
+    group-preferred (``rho`` of the draws from the medium classes, each part by its counts), class-balanced."""
+    n = torch.tensor(counts, dtype=torch.float64)
+    in_group = torch.zeros(len(n), dtype=torch.bool)
+    in_group[medium] = True
+    pref, rest = n * in_group, n * ~in_group
+    return [n / n.sum(), rho * pref / pref.sum() + (1 - rho) * rest / rest.sum(), torch.full_like(n, 1 / len(n))]
+
+
+def test_predict_is_the_aggregation_of_prior_corrected_submodels_and_live_network(full_run):
+    trainer, result = full_run
+    m, ctx = trainer.method, trainer.ctx
+    x = trainer.train_loader.normalize(trainer.data.test.images[:8])
+    priors = stage_priors_by_hand(ctx.class_counts, ctx.data.groups.indices("medium"))
+    ctx.model.eval()
+    with torch.no_grad():
+        logits = [torch.func.functional_call(ctx.model, s, (x,)) for s in m.submodels] + [ctx.model(x)]
+        adjusted = [z - p.log().float() for z, p in zip(logits, priors)]
+        assert torch.allclose(m.predict(ctx, x), torch.stack(adjusted).mean(0), atol=1e-5)
+        # the deployed ensemble carries the same correction in arch.json
+        import tailwise
+        deployed = tailwise.load_model(trainer.out).eval()
+        assert torch.allclose(deployed.with_aggregation("average")(x), torch.stack(adjusted).mean(0), atol=1e-5)
+    assert torch.allclose(torch.tensor(deployed.settings["log_priors"]), torch.stack(priors).log().float(), atol=1e-6)
+    final = result["method"]["final"]
+    assert len(final["members_val_adjusted"]) == 3 and result["method"]["prior_correction"] == "sampler"
+    assert final["members_val_adjusted"][2] == final["val_last_stage"]  # the few stage's prior is uniform
+
+
+def test_prior_correction_none_aggregates_raw_logits(tmp_path):
+    trainer = make(tmp_path, epochs=6, prior_correction="none", compare_aggregations=False, exempt_probe=False)
+    trainer.fit()
     m, ctx = trainer.method, trainer.ctx
     x = trainer.train_loader.normalize(trainer.data.test.images[:8])
     ctx.model.eval()
     with torch.no_grad():
         logits = [torch.func.functional_call(ctx.model, s, (x,)) for s in m.submodels] + [ctx.model(x)]
         assert torch.allclose(m.predict(ctx, x), torch.stack(logits).mean(0), atol=1e-6)
+    import tailwise
+    assert tailwise.load_model(trainer.out).settings["log_priors"] is None
 
 
 def test_few_stage_sampler_readings(tmp_path):

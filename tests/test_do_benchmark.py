@@ -85,7 +85,9 @@ def test_rows_over_seeds_paired_differences_and_goals(runs, bench):
     own = [results["do", s]["accuracy"]["all"] - results["ra", s]["accuracy"]["all"] for s in (0, 1)]
     assert f"s0 {own[0]:+.2f}, s1 {own[1]:+.2f}".replace("-", "−") in diff
     assert f"| {statistics.fmean(own):+.2f} |".replace("-", "−") in diff
-    assert "- seed 0: sub-model 1 alone" in text and "- seed 1: sub-model 1 alone" in text
+    for seed in (0, 1):  # the goals under both readings of the sub-models' logits
+        goal = next(line for line in text.splitlines() if line.startswith(f"- seed {seed}: "))
+        assert "prior-corrected (default): sub-model 1 alone" in goal and "raw logits (paper): sub-model 1" in goal
     stage_lines = [line for line in text.splitlines() if line.startswith("| 1 | 1 | ") or line.startswith("| 0 | 1 | ")]
     assert len(stage_lines) >= 2  # the per-stage table has a row of stage 1 for each seed
 
@@ -94,3 +96,33 @@ def test_refuses_two_runs_of_one_seed(bench):
     out = bench("--baseline", "base_s0", "ra_s0", "--do", "do_s0")
     assert out.returncode == 2 and "two baseline runs of seed 0" in out.stderr
 
+
+
+def test_cached_evaluation_is_the_deployed_ensembles_prediction(runs, monkeypatch):
+    """Every aggregation of :func:`evaluate_cached` (logits computed once, then corrected) against the
+    :class:`SubModelEnsemble` itself under the same log priors, on the same batches."""
+    import torch
+
+    import tailwise
+    from tailwise.eval.metrics import summarize
+
+    root, results = runs
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    script = importlib.import_module("do_benchmark")
+    (x, y), _, groups = script.eval_splits(root / "do_s0")
+    ensemble = tailwise.load_model(root / "do_s0").eval()
+    priors = script.run_log_priors(results["do", 0])
+    assert torch.allclose(torch.tensor(priors), torch.tensor(ensemble.settings["log_priors"]))  # as the run deployed
+    logits = script.member_logits(ensemble, x, 16)
+    for log_priors in (priors, None):
+        cached = script.evaluate_cached(logits, log_priors, ensemble.settings, y, groups, 16)
+        base = ensemble.with_aggregation("average", log_priors=log_priors)
+        lam = base.learn_group_weights(x[i:i + 16] for i in range(0, len(x), 16))
+        with torch.no_grad():
+            for mode, extra in (("average", {}), ("instance", {}), ("group", {"group_lambda": lam})):
+                ens = base.with_aggregation(mode, **extra)
+                pred = torch.cat([ens(x[i:i + 16]).argmax(1) for i in range(0, len(x), 16)])
+                assert cached[mode] == summarize(pred, y, groups), (mode, log_priors is None)
+            for t, member in enumerate(ensemble.members):
+                z = member(x).float() - (torch.tensor(log_priors[t]) if log_priors is not None else 0.0)
+                assert cached["members"][t] == summarize(z.argmax(1), y, groups)

@@ -65,10 +65,25 @@ class Sampler:
             self.pools = (torch.where(member)[0], torch.where(~member)[0])
             if len(self.pools[0]) == 0:
                 raise ValueError("group_preferred sampler: the preferred group has no training images")
-            self.rho = rho
+            self.rho, self.in_group = rho, in_group
+        self.counts = counts
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def label_distribution(self) -> torch.Tensor:
+        """The probability of each class label in one draw (float64, sums to 1): the training prior a network
+        sees under this sampler. ``group_preferred`` by its design share ``rho`` (the per-batch rounding of
+        ``rho * B`` is ignored), each part proportional to the class counts within it."""
+        n = self.counts
+        if self.kind == "instance":
+            return n / n.sum()
+        if self.kind == "group_preferred":
+            pref, rest = n * self.in_group, n * ~self.in_group
+            if rest.sum() == 0:
+                return pref / pref.sum()
+            return self.rho * pref / pref.sum() + (1 - self.rho) * rest / rest.sum()
+        return self.class_prob / self.class_prob.sum()
 
     def epoch_indices(self, epoch: int) -> torch.Tensor:
         g = _generator(self.seed, epoch, 0)

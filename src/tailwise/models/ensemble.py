@@ -11,6 +11,10 @@ Test-time Learning"), and :class:`SubModelEnsemble`, the deployable module that 
 * ``group`` (SADE, Zhang et al. 2022, the paper's group-level baseline of Table 8): one ``lambda`` for all images,
   learned the same way on the mean similarity over a whole unlabelled split (:func:`group_weights`), then fixed.
 
+``log_priors`` (optional, one ``K``-vector per member): post-hoc logit adjustment (Menon et al., ICLR 2021) of
+each member before any aggregation, ``z_t(x) - log pi_t``, where ``pi_t`` is the label distribution member ``t``
+was trained under; every aggregation, the views of ``instance`` and ``group`` included, sees the adjusted logits.
+
 The two views are a random crop with ``padding`` zero padding and a flip of the normalised batch, from a
 generator seeded by the batch's content and ``seed``: a prediction is a pure function of its batch.
 
@@ -131,19 +135,30 @@ class SubModelEnsemble(nn.Module):
 
     def __init__(self, members: list[nn.Module], aggregation: str = "average", steps: int = 10, lr: float = 1.0,
                  floor: float = 0.05, padding: int = 4, flip: bool = True, seed: int = 0,
-                 group_lambda: list[float] | None = None):
+                 group_lambda: list[float] | None = None, log_priors: list[list[float]] | None = None):
         super().__init__()
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation {aggregation!r}: expected one of {AGGREGATIONS}")
+        if log_priors is not None and len(log_priors) != len(members):
+            raise ValueError(f"log_priors: {len(log_priors)} vectors for {len(members)} members")
         self.members = nn.ModuleList(members)
         self.settings = {"aggregation": aggregation, "steps": steps, "lr": lr, "floor": floor, "padding": padding,
-                         "flip": flip, "seed": seed, "group_lambda": group_lambda}
-        self.arch = {"ensemble": {"members": len(members), **self.settings}, "member": dict(members[0].arch)}
+                         "flip": flip, "seed": seed, "group_lambda": group_lambda, "log_priors": log_priors}
+        member_arch = getattr(members[0], "arch", None)  # a tailwise network's: what load_model rebuilds
+        self.arch = {"ensemble": {"members": len(members), **self.settings},
+                     "member": dict(member_arch) if member_arch is not None else None}
+        self.register_buffer("offsets", torch.tensor(log_priors, dtype=torch.float32) if log_priors is not None
+                             else torch.zeros(len(members), 1), persistent=False)
+
+    def member_logits(self, t: int, x: torch.Tensor) -> torch.Tensor:
+        """Member ``t``'s logits on ``x``, adjusted by its log prior where the ensemble has them."""
+        z = self.members[t](x).float()
+        return z - self.offsets[t].to(z.device)
 
     def forward_with_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         s = self.settings
         lam = torch.tensor(s["group_lambda"]) if s["group_lambda"] is not None else None
-        return aggregate(lambda t, v: self.members[t](v), len(self.members), x, s["aggregation"], s["steps"],
+        return aggregate(self.member_logits, len(self.members), x, s["aggregation"], s["steps"],
                          s["lr"], s["floor"], s["padding"], s["flip"], s["seed"], lam)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,7 +174,7 @@ class SubModelEnsemble(nn.Module):
     def learn_group_weights(self, batches: Iterable[torch.Tensor]) -> list[float]:
         """SADE's group-level weights (:func:`group_weights`) from unlabelled normalised ``batches``."""
         s, n = self.settings, len(self.members)
-        views = [view_probabilities(lambda t, v: self.members[t](v), n, x, s["padding"], s["flip"], s["seed"])
+        views = [view_probabilities(self.member_logits, n, x, s["padding"], s["flip"], s["seed"])
                  for x in batches]
         return [round(float(v), 6) for v in group_weights(views, s["steps"], s["lr"], s["floor"])]
 

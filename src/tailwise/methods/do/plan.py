@@ -115,6 +115,14 @@ def stage_sampler(stage: Stage, labels: torch.Tensor, seed: int, batch_size: int
     return Sampler(labels, kind, seed, batch_size, rho=rho_m, group_classes=stage.classes)
 
 
+def stage_log_prior(stage: Stage, labels: torch.Tensor, rho_m: float, few_sampler: str = "per_image") -> torch.Tensor:
+    """``log pi_t``: the log label distribution of ``stage``'s sampler (:meth:`Sampler.label_distribution`), the
+    prior that ``prior_correction: sampler`` subtracts from the logits of the sub-model frozen at that stage. A
+    class the sampler never draws gets the smallest prior of a drawn class."""
+    p = stage_sampler(stage, labels, 0, 1, rho_m, few_sampler).label_distribution()
+    return p.clamp_min(float(p[p > 0].min())).log().float()
+
+
 def sampler_name(stage: Stage, rho_m: float, few_sampler: str) -> str:
     """The sampler of ``stage`` as text (``describe()``)."""
     return {"many": "instance", "few": f"{FEW_SAMPLERS[few_sampler]} (p_3 = 1/N_y {few_sampler.replace('_', ' ')})",

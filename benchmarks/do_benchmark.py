@@ -94,23 +94,23 @@ def member_logits(ensemble, x: torch.Tensor, batch: int) -> tuple[torch.Tensor, 
 def evaluate_cached(logits, log_priors, settings: dict, y: torch.Tensor, groups, batch: int) -> dict:
     """Test accuracy of every member alone and of every aggregation, from :func:`member_logits` with each member's
     logits minus its log prior (none: ``log_priors`` None), and Table 9's mean instance weight per class group of
-    the true label. The same computations as :class:`SubModelEnsemble` (tests check it), on cached logits."""
+    the true label: :func:`~tailwise.models.ensemble.combine`, what :class:`SubModelEnsemble` runs, on the cached
+    logits (SADE's group weights learned over the batches of ``batch`` images, as ``learn_group_weights``)."""
     from tailwise.eval.metrics import summarize
-    from tailwise.models.ensemble import group_weights, instance_weights
+    from tailwise.models.ensemble import combine, group_weights
 
     offsets = torch.tensor(log_priors).unsqueeze(1) if log_priors is not None else 0.0
     z, v1, v2 = (t - offsets for t in logits)
-    p1, p2 = v1.softmax(-1), v2.softmax(-1)
+    views = (v1.softmax(-1), v2.softmax(-1))
     steps, lr, floor = settings["steps"], settings["lr"], settings["floor"]
-    lam_instance = instance_weights(p1, p2, steps, lr, floor)  # per image: the batching does not matter
-    chunks = [(p1[:, i:i + batch], p2[:, i:i + batch]) for i in range(0, z.shape[1], batch)]
-    lam_group = group_weights(chunks, steps, lr, floor).expand(z.shape[1], -1)
+    chunks = [(views[0][:, i:i + batch], views[1][:, i:i + batch]) for i in range(0, z.shape[1], batch)]
+    predictions = {"average": combine(z, "average")[0],
+                   "group": combine(z, "group", group_lambda=group_weights(chunks, steps, lr, floor))[0]}
+    predictions["instance"], lam = combine(z, "instance", views, steps, lr, floor)
     out = {"members": [summarize(zt.argmax(1), y, groups) for zt in z],
-           "average": summarize(z.mean(0).argmax(1), y, groups)}
-    for mode, lam in (("instance", lam_instance), ("group", lam_group)):
-        out[mode] = summarize((lam.t().unsqueeze(2) * z).sum(0).argmax(1), y, groups)
+           **{mode: summarize(p.argmax(1), y, groups) for mode, p in predictions.items()}}
     member = torch.tensor([groups.membership[int(c)] == g for g in ("many", "medium", "few") for c in y]).view(3, -1)
-    out["lambda"] = {g: lam_instance[m].double().mean(0).tolist() for g, m in zip(("many", "medium", "few"), member)
+    out["lambda"] = {g: lam[m].double().mean(0).tolist() for g, m in zip(("many", "medium", "few"), member)
                      if m.any()}
     return out
 
@@ -313,7 +313,7 @@ def main(argv=None) -> None:
               *(f"| {s} | {g} | " + " | ".join(f"{v:.3f}" for v in vals) + " |"
                 for s, lam in lams.items() for g, vals in lam.items())]
     if strength:
-        lines += ["", f"Instance-level test-time learning at other step sizes (`method.tta_lr`; the run used "
+        lines += ["", f"Instance-level test-time learning (prior-corrected) at other step sizes (`method.tta_lr`; the run used "
                   f"{ensemble0.settings['lr']:g} with {ensemble0.settings['steps']} steps), seed {seed0}, on the "
                   f"validation split ({len(val[1])} images):", "",
                   "| tta_lr | Many | Medium | Few | All | Mean largest weight per image |",

@@ -588,3 +588,37 @@ def test_exempt_probe_equals_a_run_decoupling_the_classifier_at_the_first_decoup
     assert set(record) == {"none", "classifier_bias"} and all(r["all"] is not None for r in record.values())
     assert "exempt_probe" not in strict.method.describe()["stages_table"][0] or \
         strict.method.describe()["stages_table"][0]["exempt_probe"] is None  # nothing stricter than none
+
+
+def test_checkpoint_from_before_prior_correction_resumes_with_raw_logits(tmp_path):
+    trainer = make(tmp_path)
+    m = trainer.method
+    assert m.options.prior_correction == "sampler" and float(m.log_priors[0].abs().sum()) > 0
+    state = m.state_dict()
+    assert state["prior_correction"] == "sampler"
+    del state["prior_correction"]  # what a checkpoint written before the option holds
+    m.load_state_dict(state)
+    assert m.options.prior_correction == "none" and all(float(p.abs().sum()) == 0 for p in m.log_priors)
+
+
+def test_ensemble_log_priors_accept_tensors_check_shape_and_survive_a_dtype_cast(tmp_path):
+    from tailwise.deploy import save_model
+    from tailwise.models.ensemble import SubModelEnsemble
+
+    members = [nn.Linear(4, 3), nn.Linear(4, 3)]
+    priors = [torch.tensor([0.7, 0.2, 0.1]).log(), torch.full((3,), 1 / 3).log()]
+    ensemble = SubModelEnsemble(members, "average", log_priors=priors)
+    assert ensemble.settings["log_priors"] == [p.tolist() for p in priors]  # JSON for arch.json, float32 exact
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        expected = ((members[0](x) - priors[0]) + (members[1](x) - priors[1])) / 2
+        assert torch.allclose(ensemble(x), expected, atol=1e-6)
+        ensemble.to(torch.bfloat16)  # the members round; the priors stay float32
+        assert ensemble.offsets.dtype == torch.float32 and torch.equal(ensemble.offsets[0], priors[0])
+    with pytest.raises(ValueError, match="one vector of class log priors per member"):
+        SubModelEnsemble(members, "average", log_priors=[priors[0]])
+    with pytest.raises(ValueError, match="one vector of class log priors per member"):
+        SubModelEnsemble(members, "average", log_priors=[[0.0], [0.0]])
+    with pytest.raises(ValueError, match="not built by tailwise"):  # arch.json could not rebuild plain Linears
+        save_model(ensemble, tmp_path / "model", {}, ["a", "b", "c"])
+    assert not (tmp_path / "model").exists()

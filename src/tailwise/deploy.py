@@ -35,11 +35,15 @@ def layer_channels(model: nn.Module) -> dict[str, list[int]]:
 def save_model(model: nn.Module, directory: str | Path, preprocess: dict, classes: list[str]) -> None:
     from safetensors.torch import save
 
+    arch = getattr(model, "arch", None)
+    if arch is None or ("ensemble" in arch and arch.get("member") is None):
+        raise ValueError("save_model: the model (or an ensemble's members) was not built by tailwise, so arch.json "
+                         "could not rebuild it; save its state_dict instead")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write_bytes(directory / "weights.safetensors", lambda fh: fh.write(save(state)))
-    atomic_write_json(directory / "arch.json", {"format": ARCH_FORMAT, "model": model.arch, "preprocess": preprocess,
+    atomic_write_json(directory / "arch.json", {"format": ARCH_FORMAT, "model": arch, "preprocess": preprocess,
                                                 "classes": classes, "channels": layer_channels(model)})
 
 

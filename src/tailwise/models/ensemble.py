@@ -112,19 +112,29 @@ def aggregate(forward: Callable[[int, torch.Tensor], torch.Tensor], n: int, x: t
     aggregated prediction and the ``B x T`` weights used (None for ``average``, or ``group`` before its weights
     were learned, which falls back to the average)."""
     z = torch.stack([forward(t, x).float() for t in range(n)])  # T x B x K
+    views = view_probabilities(forward, n, x, padding, flip, seed) if n > 1 and aggregation == "instance" else None
+    return combine(z, aggregation, views, steps, lr, floor, group_lambda)
+
+
+def combine(z: torch.Tensor, aggregation: str, views: tuple[torch.Tensor, torch.Tensor] | None = None,
+            steps: int = 10, lr: float = 1.0, floor: float = 0.05,
+            group_lambda: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`aggregate` on computed logits: ``z`` (``T x B x K``), and for ``instance`` the two views' softmax
+    outputs (:func:`view_probabilities`)."""
+    n = z.shape[0]
     if n == 1 or aggregation == "average" or (aggregation == "group" and group_lambda is None):
         return z.mean(0), None
     if aggregation == "group":
-        lam = group_lambda.to(z.device, z.dtype).expand(z.shape[1], n)
+        lam = torch.as_tensor(group_lambda).to(z.device, z.dtype).expand(z.shape[1], n)
     else:
-        p1, p2 = view_probabilities(forward, n, x, padding, flip, seed)
-        lam = instance_weights(p1, p2, steps, lr, floor)
+        lam = instance_weights(*views, steps, lr, floor)
     return (lam.t().unsqueeze(2) * z).sum(0), lam
 
 
 class SubModelEnsemble(nn.Module):
     """``T`` networks of one architecture whose logits are aggregated (see the module docstring); what
-    ``method: do`` deploys. ``arch`` records the member architecture and the aggregation settings, so
+    ``method: do`` deploys. ``arch`` records the member architecture (members built by tailwise; ``None`` for other
+    networks, which cannot be saved as a model folder) and the aggregation settings, ``log_priors`` included, so
     :func:`tailwise.deploy.load_model` rebuilds it from ``arch.json`` and the weights alone.
 
     Example::
@@ -139,16 +149,20 @@ class SubModelEnsemble(nn.Module):
         super().__init__()
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation {aggregation!r}: expected one of {AGGREGATIONS}")
-        if log_priors is not None and len(log_priors) != len(members):
-            raise ValueError(f"log_priors: {len(log_priors)} vectors for {len(members)} members")
+        offsets = torch.zeros(len(members), 1)
+        if log_priors is not None:
+            offsets = torch.stack([torch.as_tensor(p, dtype=torch.float32).cpu() for p in log_priors])
+            if offsets.dim() != 2 or len(offsets) != len(members) or offsets.shape[1] < 2:
+                raise ValueError(f"log_priors: one vector of class log priors per member expected ({len(members)} "
+                                 f"members), got shape {tuple(offsets.shape)}")
+            log_priors = offsets.tolist()
+        self.offsets = offsets  # a plain float32 tensor, not a buffer: .to(dtype) must not round the priors
         self.members = nn.ModuleList(members)
         self.settings = {"aggregation": aggregation, "steps": steps, "lr": lr, "floor": floor, "padding": padding,
                          "flip": flip, "seed": seed, "group_lambda": group_lambda, "log_priors": log_priors}
         member_arch = getattr(members[0], "arch", None)  # a tailwise network's: what load_model rebuilds
         self.arch = {"ensemble": {"members": len(members), **self.settings},
                      "member": dict(member_arch) if member_arch is not None else None}
-        self.register_buffer("offsets", torch.tensor(log_priors, dtype=torch.float32) if log_priors is not None
-                             else torch.zeros(len(members), 1), persistent=False)
 
     def member_logits(self, t: int, x: torch.Tensor) -> torch.Tensor:
         """Member ``t``'s logits on ``x``, adjusted by its log prior where the ensemble has them."""

@@ -80,7 +80,8 @@ Each stage:
 
 Empty groups: a stage whose group is empty is dropped (:func:`.plan.plan_stages`), ``describe()["dropped_stages"]``.
 Old run directories load unchanged (``model/`` is a :class:`SubModelEnsemble`); resuming a checkpoint written
-before issue #22 needs ``exempt: none`` (it decoupled the classifier).
+before issue #22 needs ``exempt: none`` (it decoupled the classifier), and one written before ``prior_correction``
+resumes with ``none`` (its validation so far was of raw logits), recorded in ``result.json``.
 """
 from __future__ import annotations
 
@@ -168,7 +169,8 @@ class DOMethod(Method):
     @classmethod
     def check_options(cls, o: DOOptions, cfg) -> None:
         if cfg.loss.name != "ce":
-            raise ConfigError(f"method do trains with its own compensation loss and predicts with raw logits; set "
+            raise ConfigError(f"method do trains with its own compensation loss and predicts with its sub-models' "
+                              f"logits (prior_correction); set "
                               f"loss.name=ce (got {cfg.loss.name})")
         if cfg.train.sampler != "instance":
             raise ConfigError("method do sets the sampler of every stage itself; leave train.sampler=instance")
@@ -201,11 +203,16 @@ class DOMethod(Method):
         k = len(ctx.class_counts)
         self.log_alpha = [stage_alpha(s.kind, s.classes, ctx.class_counts, o.rho_m, o.medium_alpha).log().float()
                           if o.compensation else torch.zeros(k) for s in self.stages]
-        self.log_priors = [stage_log_prior(s, ctx.data.train.labels, o.rho_m, o.few_sampler)
-                           if o.prior_correction == "sampler" else torch.zeros(k) for s in self.stages]
+        self.log_priors = self.stage_log_priors(ctx)
         self.decoupler = Decoupler(ctx.model, o.rank_scope, o.exempt)
         self.probe = ExemptProbe(ctx.model, o.exempt) if o.exempt_probe else None
         ctx.set_sampler(self.sampler_for(ctx, 0))
+
+    def stage_log_priors(self, ctx) -> list[torch.Tensor]:
+        """``log pi_t`` of every stage on the run's device (zeros under ``prior_correction: none``)."""
+        o, k = self.options, len(ctx.class_counts)
+        return [(stage_log_prior(s, ctx.data.train.labels, o.rho_m, o.few_sampler)
+                 if o.prior_correction == "sampler" else torch.zeros(k)).to(ctx.device) for s in self.stages]
 
     def sampler_for(self, ctx, t: int) -> Sampler:
         return stage_sampler(self.stages[t], ctx.data.train.labels, ctx.cfg.run.seed, ctx.cfg.train.batch_size,
@@ -256,7 +263,7 @@ class DOMethod(Method):
             return ctx.model(x)
         def forward(t, v):
             z = self.run_submodel(ctx, t, v) if t < len(self.submodels) else ctx.model(v)
-            return z.float() - self.log_priors[t].to(z.device)
+            return z.float() - self.log_priors[t]
 
         return aggregate(forward, len(self.submodels) + 1, x, self.options.aggregation, **self.settings(ctx))[0]
 
@@ -380,7 +387,7 @@ class DOMethod(Method):
     def finalize(self, ctx) -> nn.Module:
         """The deployable :class:`SubModelEnsemble` of all sub-models with this run's aggregation."""
         o = self.options
-        log_priors = [p.tolist() for p in self.log_priors] if o.prior_correction == "sampler" else None
+        log_priors = [p.cpu().tolist() for p in self.log_priors] if o.prior_correction == "sampler" else None
         ensembles = build_ensembles(ctx, self.submodels, AGGREGATIONS if o.compare_aggregations else (o.aggregation,),
                                     {**self.settings(ctx), "log_priors": log_priors})
         deployed = ensembles[o.aggregation]
@@ -418,7 +425,8 @@ class DOMethod(Method):
         out["predict"] = {"average": "average of sub-model logits",
                           "instance": "instance-level test-time aggregation (Eq. 5) of sub-model logits",
                           "group": "group-level (SADE) test-time aggregation: one weight per sub-model, learned on "
-                                   "the unlabelled test images"}[o.aggregation]
+                                   "the unlabelled test images"}[o.aggregation] + (
+            ", each minus its stage sampler's log label prior" if o.prior_correction == "sampler" else "")
         out["choices"] = {
             "prune_schedule": f"{o.prune_schedule}: " + ("Δt retraining steps after every grid increment of γ (Eq. 4)"
                                                          if o.prune_schedule == "per_increment" else
@@ -439,13 +447,17 @@ class DOMethod(Method):
         return out
 
     def state_dict(self) -> dict:
-        return {"stage": self.stage, **self.decoupler.state_dict(),
+        return {"stage": self.stage, "prior_correction": self.options.prior_correction, **self.decoupler.state_dict(),
                 "submodels": [{k: v.cpu().clone() for k, v in s.items()} for s in self.submodels],
                 "records": list(self.records),
                 "exempt_probe": self.probe.state_dict() if self.probe is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.stage = int(state["stage"])
+        if state.get("prior_correction", "none") != self.options.prior_correction:
+            # a checkpoint from before the option predicted with raw logits: keep its reading to the end
+            self.options.prior_correction = state.get("prior_correction", "none")
+            self.log_priors = self.stage_log_priors(self.ctx)
         self.decoupler.load_state_dict(state)
         dev = self.ctx.device
         self.submodels = [{k: v.to(dev) for k, v in s.items()} for s in state["submodels"]]

@@ -118,7 +118,8 @@ def stage_sampler(stage: Stage, labels: torch.Tensor, seed: int, batch_size: int
 def stage_log_prior(stage: Stage, labels: torch.Tensor, rho_m: float, few_sampler: str = "per_image") -> torch.Tensor:
     """``log pi_t``: the log label distribution of ``stage``'s sampler (:meth:`Sampler.label_distribution`), the
     prior that ``prior_correction: sampler`` subtracts from the logits of the sub-model frozen at that stage. A
-    class the sampler never draws gets the smallest prior of a drawn class."""
+    class the sampler never draws gets the smallest prior of a drawn class. (The sampler's seed and batch size do
+    not enter its label distribution: dummies here.)"""
     p = stage_sampler(stage, labels, 0, 1, rho_m, few_sampler).label_distribution()
     return p.clamp_min(float(p[p > 0].min())).log().float()
 

@@ -237,18 +237,17 @@ def main(argv=None) -> None:
         log(f"{mode}: {cost[mode]:.3f} ms / image")
     CORRECTIONS = {"sampler": "prior-corrected (default)", "none": "raw logits (paper)"}
     measured = {}  # seed -> correction -> evaluate_cached(...)
+    priors = {seed: {"sampler": run_log_priors(result), "none": None} for seed, (_, result) in dos.items()}
     dtype = DTYPES.get(precision)  # the runs' own evaluation precision ('-': none recorded, full precision)
     with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        for seed, (path, result) in dos.items():
+        for seed, (path, _) in dos.items():
             log(f"seed {seed}: every sub-model on {len(x_all)} test images and two views ({precision})")
             ensemble = load_model(path)
             logits = member_logits(ensemble, x_all, ns.batch)
-            priors = {"sampler": run_log_priors(result), "none": None}
-            measured[seed] = {c: evaluate_cached(logits, priors[c], ensemble.settings, y_all, groups, ns.batch)
+            measured[seed] = {c: evaluate_cached(logits, priors[seed][c], ensemble.settings, y_all, groups, ns.batch)
                               for c in CORRECTIONS}
-        priors0 = run_log_priors(do0)
-        strength = tta_strength(ensemble0.with_aggregation("instance", log_priors=priors0), *val, groups) \
-            if val is not None else []
+        corrected0 = ensemble0.with_aggregation("instance", log_priors=priors[seed0]["sampler"])
+        strength = tta_strength(corrected0, *val, groups) if val is not None else []
 
     seeds = ", ".join(map(str, dos))
     rows = [f"| Method | Aggregation | Seeds | {' | '.join(g.capitalize() for g in GROUPS)} | Prediction ms / image "
@@ -313,8 +312,8 @@ def main(argv=None) -> None:
               *(f"| {s} | {g} | " + " | ".join(f"{v:.3f}" for v in vals) + " |"
                 for s, lam in lams.items() for g, vals in lam.items())]
     if strength:
-        lines += ["", f"Instance-level test-time learning (prior-corrected) at other step sizes (`method.tta_lr`; the run used "
-                  f"{ensemble0.settings['lr']:g} with {ensemble0.settings['steps']} steps), seed {seed0}, on the "
+        lines += ["", "Instance-level test-time learning (prior-corrected) at other step sizes (`method.tta_lr`; the "
+                  f"run used {ensemble0.settings['lr']:g} with {ensemble0.settings['steps']} steps), seed {seed0}, on the "
                   f"validation split ({len(val[1])} images):", "",
                   "| tta_lr | Many | Medium | Few | All | Mean largest weight per image |",
                   "|---:|---:|---:|---:|---:|---:|", *strength]

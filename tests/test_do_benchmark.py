@@ -126,3 +126,32 @@ def test_cached_evaluation_is_the_deployed_ensembles_prediction(runs, monkeypatc
             for t, member in enumerate(ensemble.members):
                 z = member(x).float() - (torch.tensor(log_priors[t]) if log_priors is not None else 0.0)
                 assert cached["members"][t] == summarize(z.argmax(1), y, groups)
+
+
+def test_exempt_probe_reads_the_runs_own_records_raw_and_its_deployed_members_corrected(tmp_path, monkeypatch):
+    """benchmarks/do_exempt_probe.py from a checkpoint after each decoupling: raw, the run's reading is the
+    recorded ``val_tpd`` and the stricter ones the recorded ``exempt_probe``; corrected, the run's reading is the
+    deployed ensemble's own member (``final.members_val_adjusted``)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    script = importlib.import_module("do_exempt_probe")
+    raw = do_config(epochs=4, stage_epochs=[2, 1, 1])
+    raw["run"]["keep_checkpoints"] = [2]
+    out = tmp_path / "do"
+    result = train(out, raw, 3)
+    records = [json.loads(line)["do"]["decoupling"] for line in (out / "metrics.jsonl").read_text().splitlines()
+               if "decoupling" in json.loads(line).get("do", {})]
+    assert [r["stage"] for r in records] == [1, 2]
+    members = result["method"]["final"]["members_val_adjusted"]
+    groups = ("many", "medium", "few", "all")
+
+    def pick(acc):
+        return {g: acc[g] for g in groups}
+    for checkpoint, record in ((out / "checkpoints" / "epoch_002.pt", records[0]),
+                               (out / "checkpoints" / "last.pt", records[1])):
+        rows = {(r["reading"], r["logits"]): pick(r) for r in script.probe(out, checkpoint, 1)}
+        assert rows["classifier (the run)", "raw"] == pick(record["val_tpd"])
+        for reading in ("classifier_bias", "none"):
+            assert rows[reading, "raw"] == pick(record["exempt_probe"][reading])
+        assert rows["classifier (the run)", "corrected"] == pick(members[record["stage"] - 1])
+        if record["stage"] == 1:  # on this run the correction changes sub-model 1's predictions
+            assert rows["classifier (the run)", "corrected"] != rows["classifier (the run)", "raw"]

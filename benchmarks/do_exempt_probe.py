@@ -21,6 +21,7 @@ import torch
 from tailwise.config import load_config
 from tailwise.engine.checkpoint import load_checkpoint
 from tailwise.engine.trainer import Trainer
+from tailwise.errors import TailwiseError
 from tailwise.methods.do.plan import stage_log_prior
 
 
@@ -31,8 +32,8 @@ def probe(run_dir: Path, checkpoint: Path, threads: int) -> list[dict]:
         trainer = Trainer(cfg, out, log=lambda msg: None)
         trainer.resume(load_checkpoint(checkpoint, "cpu"))
         ctx, method = trainer.ctx, trainer.method
-        if not method.submodels or method.probe is None:
-            raise SystemExit(f"{checkpoint}: no decoupling yet, or a run without exempt_probe")
+        if cfg.method.get("name") != "do" or not method.submodels or method.probe is None:
+            raise TailwiseError(f"{checkpoint}: not a DO run after a decoupling with exempt_probe on")
         t, o = len(method.submodels) - 1, method.options
         prior = stage_log_prior(method.stages[t], ctx.data.train.labels, o.rho_m, o.few_sampler).to(ctx.device)
         sub = method.submodels[t]
@@ -56,8 +57,14 @@ def main() -> None:
     print("| Seed | Sub-model | Reading | Logits | Many | Medium | Few | All |")
     print("|---:|---:|---|---|---:|---:|---:|---:|")
     for pair in a.pairs:
-        run_dir, checkpoint = pair.split(":", 1)
-        for r in probe(Path(run_dir), Path(checkpoint), a.threads):
+        run_dir, _, checkpoint = pair.partition(":")
+        if not checkpoint:
+            parser.error(f"{pair}: expected RUN_DIR:CHECKPOINT")
+        try:
+            rows = probe(Path(run_dir), Path(checkpoint), a.threads)
+        except TailwiseError as exc:  # a missing or foreign run or checkpoint: the message, exit code 2
+            parser.error(str(exc))
+        for r in rows:
             print(f"| {r['seed']} | {r['sub_model']} | {r['reading']} | {r['logits']} | {r['many']:.2f} | "
                   f"{r['medium']:.2f} | {r['few']:.2f} | {r['all']:.2f} |", flush=True)
 

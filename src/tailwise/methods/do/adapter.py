@@ -61,9 +61,10 @@ Each stage:
 4. **Prediction** (:func:`~tailwise.models.ensemble.aggregate`): ``predict`` always aggregates the completed
    sub-models and the live network, each first adjusted by ``prior_correction`` (below), with ``aggregation``
    (``average``: mean of the logits, the paper's "Ours wo TTL"; ``instance``: Eq. 5 per image, ``tta_steps``
-   gradient steps of size ``tta_lr`` with floor ``tta_floor`` -- the paper gives no optimiser settings; ``group``: SADE's weights, learned on the unlabelled test images in
-   ``finalize``, the average before); a deployed :class:`SubModelEnsemble` predicts by itself. Single networks
-   (one sub-model, a pruned candidate) are evaluated by passing their forward to ``ctx.evaluate`` explicitly.
+   gradient steps of size ``tta_lr`` with floor ``tta_floor`` -- the paper gives no optimiser settings;
+   ``group``: SADE's weights, learned on the unlabelled test images in ``finalize``, the average before); a
+   deployed :class:`SubModelEnsemble` predicts by itself. Single networks (one sub-model, a pruned candidate) are
+   evaluated by passing their forward to ``ctx.evaluate`` explicitly.
    ``finalize`` returns the ensemble of all ``T`` sub-models and reports ``describe()["final"]``: each sub-model's
    validation accuracy, the prediction cost and (``instance``) Table 9's mean weights per group, and with
    ``compare_aggregations`` the test accuracy under every aggregation (separate ensembles over the same members;

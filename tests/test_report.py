@@ -489,3 +489,23 @@ def test_ltap_labels_tell_trials_on_stale_statistics_apart():
     assert label(vote="trial") == label(vote="trial", trial_bn_batches=0) == \
         "BS + LTAP (trials on stale BN statistics, MACs 25%, 200 ep)"
     assert label(vote="uniform") == "BS + LTAP (w.o. vote, MACs 25%, 200 ep)"
+
+
+def test_ltap_labels_name_the_criteria_only_where_they_are_not_the_default_mix():
+    """Under group-mean the default mix is four criteria (avg_magnitude duplicates magnitude), under l2 all five;
+    a label names the criteria only for a run that mixed another set."""
+    from tailwise.eval.report import RunData, method_label
+
+    def label(**method):
+        return method_label(RunData(Path("x"), {"loss": {"name": "balanced_softmax"}, "epochs": 200,
+                                                "method": {"name": "ltap", "vote": "trial", "trial_bn_batches": 20,
+                                                           "target_macs": 0.25, **method}}))
+
+    four = ["magnitude", "cosine_similarity", "taylor_first_order", "taylor_second_order"]
+    five = ["magnitude", "avg_magnitude", *four[1:]]
+    assert label(normalize="group-mean", criteria=four) == "BS + LTAP (group-mean normalisation, MACs 25%, 200 ep)"
+    assert label(normalize="l2", criteria=five) == "BS + LTAP (MACs 25%, 200 ep)"
+    assert label(criteria=five) == "BS + LTAP (MACs 25%, 200 ep)"  # runs before the option: l2
+    assert label(normalize="group-mean", criteria=five) == ("BS + LTAP (group-mean normalisation, criteria="
+                                                            + "+".join(five) + ", MACs 25%, 200 ep)")
+    assert label(normalize="l2", criteria=["magnitude"]) == "BS + LTAP (criteria=magnitude, MACs 25%, 200 ep)"

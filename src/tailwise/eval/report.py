@@ -53,6 +53,7 @@ from ..atomic import atomic_write_text
 from ..config import RESUME_OVERRIDES, dotted_keys
 from ..engine.log import read_metrics
 from ..errors import TailwiseError
+from ..methods.ltap.criteria import default_criteria
 
 LOSS_LABELS = {"ce": "CE", "focal": "Focal", "class_balanced": "CB", "balanced_softmax": "BS",
                "logit_adjust": "LA", "ldam_drw": "LDAM-DRW", "ldam": "LDAM"}
@@ -256,8 +257,8 @@ def method_label(run: RunData) -> str:
         opts.append("trials on stale BN statistics")
     if name == "ltap" and m.get("normalize") not in (None, "l2"):
         opts.append(f"{m['normalize']} normalisation")
-    if m.get("criteria") and name == "ltap" and len(m["criteria"]) < 5:
-        opts.append("criteria=" + "+".join(m["criteria"]))
+    if name == "ltap" and m.get("criteria") and m["criteria"] != default_criteria(m.get("normalize") or "l2"):
+        opts.append("criteria=" + "+".join(m["criteria"]))  # only where they are not the default mix
     for key, what in (("target_params", "params"), ("target_macs", "MACs"), ("target_sparsity", "sparsity")):
         if m.get(key) is not None:
             opts.append(f"{what} {100 * m[key]:.0f}%")

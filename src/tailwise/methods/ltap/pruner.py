@@ -62,7 +62,7 @@ from ...options import bounded, choice
 from ..batchnorm import recompute_batchnorm
 from ..pruning import PruningOptions, StructuredPruner, _identity
 from .criteria import (CRITERIA, GRADIENT_CRITERIA, NORMALISATIONS, SECOND_ORDER, ChannelLayout, CriteriaAccumulator,
-                       mix, normalise)
+                       default_criteria, mix, normalise)
 from .trial import loader_accuracy, trial_accuracy
 from .vote import CLASS_WEIGHTS, INCREMENTS, LTVote, as_accuracy, class_weights
 
@@ -118,7 +118,7 @@ class LTAPOptions(PruningOptions):
             raise ConfigError(f"method.second_order: {self.second_order!r} is not allowed; allowed: "
                               f"{', '.join(SECOND_ORDER)}")
         if self.criteria is None:
-            self.criteria = [c for c in CRITERIA if not (c == "avg_magnitude" and self.normalize == "group-mean")]
+            self.criteria = default_criteria(self.normalize)
         if not self.criteria:
             raise ConfigError("method.criteria: give at least one of " + ", ".join(CRITERIA))
         unknown = [c for c in self.criteria if c not in CRITERIA]

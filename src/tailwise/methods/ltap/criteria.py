@@ -49,14 +49,14 @@ from ...compress.groups import ChannelGroup
 
 CRITERIA = ("magnitude", "avg_magnitude", "cosine_similarity", "taylor_first_order", "taylor_second_order")
 GRADIENT_CRITERIA = ("cosine_similarity", "taylor_first_order", "taylor_second_order")
+NORMALISATIONS = ("l2", "mean", "max", "group-mean")
+SECOND_ORDER = ("fisher", "public-code")
 
 
 def default_criteria(normalize: str) -> list[str]:
     """The criteria LTAP mixes when none are given: all five, less ``avg_magnitude`` under ``group-mean``, where it
     ranks channels exactly as ``magnitude`` does (the row length is constant within a channel group)."""
     return [c for c in CRITERIA if not (c == "avg_magnitude" and normalize == "group-mean")]
-NORMALISATIONS = ("l2", "mean", "max", "group-mean")
-SECOND_ORDER = ("fisher", "public-code")
 
 
 class ChannelLayout:

@@ -16,7 +16,7 @@ import torch
 from tailwise.compress.groups import channel_groups
 from tailwise.deploy import load_model
 from tailwise.errors import TailwiseError
-from tailwise.methods.plasticity.twins import incoming_vectors
+from tailwise.methods.plasticity.twins import channel_cosines, incoming_vectors
 
 
 def twin_pairs(model: torch.nn.Module, threshold: float) -> list[tuple]:
@@ -24,10 +24,7 @@ def twin_pairs(model: torch.nn.Module, threshold: float) -> list[tuple]:
     rows = []
     for g in channel_groups(model, torch.zeros(1, 3, 32, 32), "internal"):
         v = incoming_vectors(model, g)
-        norm = v.norm(dim=1)
-        unit = v / norm[:, None].clamp_min(1e-30)
-        cos = unit @ unit.T
-        cos.fill_diagonal_(-1.0)
+        norm, cos = v.norm(dim=1), channel_cosines(v)
         bn = next(s for s in g.slices if s.tensor_name == "weight"
                   and isinstance(model.get_submodule(s.module_name), torch.nn.BatchNorm2d))
         gamma = model.get_submodule(bn.module_name).weight.detach().abs().index_select(0, bn.index).double()

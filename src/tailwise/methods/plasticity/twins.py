@@ -25,11 +25,16 @@ def incoming_vectors(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
+def channel_cosines(vectors: torch.Tensor) -> torch.Tensor:
+    """``(n, n)``: the cosine between every two rows of ``vectors`` (a zero row has cosine 0 with every row)."""
+    unit = vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    return unit @ unit.T
+
+
 def twin_layer(vectors: torch.Tensor, threshold: float) -> dict:
     """``{"width", "twins", "effective"}`` of one layer's channel vectors (rows)."""
     n = vectors.shape[0]
-    unit = vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    linked = unit @ unit.T > threshold
+    linked = channel_cosines(vectors) > threshold
     linked.fill_diagonal_(False)
     twins = int(linked.any(1).sum())
     labels = torch.arange(n)

@@ -25,8 +25,7 @@ def twin_pairs(model: torch.nn.Module, threshold: float) -> list[tuple]:
     for g in channel_groups(model, torch.zeros(1, 3, 32, 32), "internal"):
         v = incoming_vectors(model, g)
         norm, cos = v.norm(dim=1), channel_cosines(v)
-        bn = next(s for s in g.slices if s.tensor_name == "weight"
-                  and isinstance(model.get_submodule(s.module_name), torch.nn.BatchNorm2d))
+        bn = next(s for s in g.slices if s.module_name in g.norms and s.tensor_name == "weight")
         gamma = model.get_submodule(bn.module_name).weight.detach().abs().index_select(0, bn.index).double()
         for i, j in (cos > threshold).nonzero().tolist():
             if i < j:

@@ -90,7 +90,7 @@ def within_run_lines(run: dict) -> list[str]:
                            f"{val_change(e['epoch'])}" for e in m.get("history", []))
         lines.append(f"- {label}: events {events}; final parameters {result['cost']['params']:,} "
                      f"(dense {result['cost']['params_dense']:,})")
-        return lines
+        return lines + split_bias_lines(label, m.get("history", []))
     if m["name"] == "more":
         o, check = m.get("overhead") or {}, m.get("merge_check") or {}
         lines = []
@@ -106,6 +106,30 @@ def within_run_lines(run: dict) -> list[str]:
                      f"parameters during training; merge check {json.dumps(check)}")
         return lines
     return []
+
+
+SPLIT_BIAS = ("pair_score_ratio", "split_score_ratio", "split_outgoing_ratio")
+
+
+def split_bias_lines(label: str, history: list[dict]) -> list[str]:
+    """The split's bias on the ranking at each event after the first (growth's event records, the median over the
+    layers of each ratio; ``-`` where no layer has one), and the number of channels split so far."""
+    cells = []
+    for e in history[1:]:
+        layers = list(e.get("layers", {}).values())
+        if not layers or not all(SPLIT_BIAS[0] in layer for layer in layers):
+            continue  # a run from before the bias records
+        ratios = []
+        for key in SPLIT_BIAS:
+            values = [layer[key] for layer in layers if layer.get(key) is not None]
+            ratios.append(f"{statistics.median(values):.2f}" if values else "-")
+        cells.append(f"after epoch {e['epoch'] + 1}: {' / '.join(ratios)}, "
+                     f"{sum(layer['split_channels'] for layer in layers)} split")
+    if not cells:
+        return []
+    return [f"- {label}: split bias, median over layers of the last pairs' raw score / layer median, earlier-split "
+            f"channels' raw score / median, split channels' f_c·||W_out|| / never-split median, and the channels "
+            f"split so far: {'; '.join(cells)}"]
 
 
 def seed_lines(pairs: list[tuple[Path, Path]], runs: dict) -> list[str]:

@@ -55,6 +55,11 @@ def test_table_rows_deltas_and_within_run_overhead(tmp_path):
     assert "events after epochs 1..2" in next(k for k in rows if "plasticity" in k)
     val = [r["val"]["all"] for r in records]  # before the surgery of epoch 1 -> one epoch later
     assert "after epoch 1: " in out.stdout and f"val all {val[0]:.1f} -> {val[1]:.1f} one epoch later" in out.stdout
+    # the split's bias at the second event, recomputed here from the event record
+    layers = plastic["method"]["history"][1]["layers"].values()
+    pair = statistics.median(layer["pair_score_ratio"] for layer in layers)
+    split = sum(layer["split_channels"] for layer in layers)
+    assert split > 0 and f"after epoch 2: {pair:.2f} / " in out.stdout and f", {split} split" in out.stdout
     ratio = more["method"]["overhead"]["ratio"]
     assert f"x{ratio:.2f} (" in out.stdout and "merge check" in out.stdout
     branch = more["method"]["branch"]

@@ -12,7 +12,8 @@ each method also reports a within-run measurement that does not:
 
 - ``plasticity``: the median time of the scoring epochs (those that end in a growth/removal event: the extra
   reweighted backward and the surgery) over the median of the other epochs of the same run, and per event the
-  channels duplicated / removed and the validation accuracy before the surgery and one epoch after it;
+  channels duplicated / removed and the validation accuracy before the surgery and one epoch after it, and
+  (runs with the split-bias records) the split's bias on the ranking at each event after the first;
 - ``more``: the method's own step timing (steps with the general-only pass over steps with the base loss only, on
   the same reparametrised model), the low-rank parameter count and the merge check of the deployed model.
 
